@@ -1,0 +1,37 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint fmt bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/worker migrate --create-db
+	WORKER_JOBS_FILE=$${WORKER_JOBS_FILE:-examples/jobs.toml} $(BIN)/worker run
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/mypy worker
+
+fmt: $(STAMP)
+	$(BIN)/ruff format worker tests bench
+	$(BIN)/ruff check --fix worker tests bench
+
+bench: $(STAMP)
+	$(PY) bench/ratelimit.py
+	$(PY) bench/failover.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

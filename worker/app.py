@@ -1,0 +1,157 @@
+"""Wires the actors of one replica together: pools, web, elector, leader work, signals.
+
+Each actor is a named task under one supervisor: if one dies unexpectedly the process
+logs it and exits non-zero, so Kubernetes restarts it rather than keeping a zombie.
+Shutdown (SIGTERM/SIGINT): readyz -> 503, cancel leader work (runs record why),
+release the lease (followers take over at once), close the HTTP server and pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from . import db
+from .config import Settings
+from .context import JobKind
+from .election import Elector
+from .lease import Grant, Lease
+from .ratelimit import RateLimiter
+from .scheduler import Leader
+from .upstream import Upstream, open_upstream
+from .web.app import WebState, build_app
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_redis(url: str, *, timeout: float = 5.0) -> AsyncIterator[Redis]:
+    """A Redis client with timeouts on connect and on every command."""
+    redis = Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
+    """Run one replica until SIGTERM/SIGINT; returns the process exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with (
+        open_redis(settings.redis_url) as redis,
+        db.open_pool(settings.database_url, timeout=settings.db_timeout) as pool,
+        open_upstream(limiter=RateLimiter()) as upstream,
+    ):
+        async with pool.acquire() as conn:
+            for name in await db.migrate(conn):
+                log.info("migration %s applied", name)
+        return await _run_actors(settings, kinds, stop, redis, pool, upstream)
+
+
+async def _run_actors(
+    settings: Settings,
+    kinds: Mapping[str, JobKind],
+    stop: asyncio.Event,
+    redis: Redis,
+    pool: db.Pool,
+    upstream: Upstream,
+) -> int:
+    lease = Lease(redis, prefix=settings.key_prefix)
+    state = WebState(settings=settings, pool=pool, redis=redis, lease=lease)
+    runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, shutdown_timeout=2.0)
+        await site.start()
+        port = _bound_port(runner, settings.http_port)
+        log.info(
+            "worker %s serving http on %s:%d (role %s, %d jobs)",
+            settings.worker_id,
+            settings.http_host,
+            port,
+            settings.role,
+            len(settings.jobs),
+        )
+
+        async def lead(grant: Grant) -> None:
+            await Leader(settings=settings, pool=pool, upstream=upstream, kinds=kinds).run(grant)
+
+        actors: set[asyncio.Task[None]] = set()
+        if settings.campaigns:
+            state.elector = Elector(
+                redis=redis,
+                lease=lease,
+                settings=settings.lease,
+                worker_id=settings.worker_id,
+                work=lead,
+                address=f"http://{_advertised_host(settings)}:{port}",
+                work_grace=settings.shutdown_grace / 2,
+            )
+            actors.add(asyncio.create_task(state.elector.run(stop), name="elector"))
+        return await _supervise(actors, stop, state, settings.shutdown_grace)
+    finally:
+        await runner.cleanup()
+
+
+async def _supervise(
+    actors: set[asyncio.Task[None]], stop: asyncio.Event, state: WebState, grace: float
+) -> int:
+    stopping = asyncio.create_task(stop.wait(), name="signal-wait")
+    done, _ = await asyncio.wait({stopping, *actors}, return_when="FIRST_COMPLETED")
+    code = 0
+    for task in done - {stopping}:
+        if task.cancelled() or task.exception() is None:
+            log.critical("actor %s ended unexpectedly", task.get_name())
+        else:
+            log.critical("actor %s died", task.get_name(), exc_info=task.exception())
+        code = 1
+    log.info("shutting down (grace %.0fs)", grace)
+    state.shutting_down.set()
+    stop.set()
+    stopping.cancel()
+    pending = {t for t in actors if not t.done()}
+    if pending:
+        finished, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            log.error("actor %s did not stop within the grace period", task.get_name())
+            task.cancel()
+            code = 1
+        for task in finished:
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "actor %s failed while stopping", task.get_name(), exc_info=task.exception()
+                )
+                code = 1
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
+    return code
+
+
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
+
+
+def _advertised_host(settings: Settings) -> str:
+    if settings.http_host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return settings.http_host

@@ -1,0 +1,212 @@
+"""`worker run | migrate | leader | jobs | runs | trigger | sandbox`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from . import db, jobs, logs, runs
+from .app import open_redis, serve
+from .config import Settings
+from .errors import ConfigError
+from .lease import Lease
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def _settings() -> Settings:
+    return Settings.from_env(kinds=jobs.checkers(jobs.kinds()))
+
+
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    return await serve(settings, jobs.kinds())
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.create_db and await db.create_database_if_missing(settings.database_url):
+        print("created database")
+    async with db.open_pool(settings.database_url, max_size=1) as pool, pool.acquire() as conn:
+        applied = await db.migrate(conn)
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+async def cmd_leader(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_redis(settings.redis_url) as redis:
+        current = await Lease(redis, prefix=settings.key_prefix).current()
+    if args.json:
+        print(orjson.dumps(current.as_dict() if current else {"holder": None}).decode())
+    elif current is None:
+        print("no leader (the lease is free)")
+    else:
+        print(f"holder   {current.holder}")
+        print(f"token    {current.token}")
+        print(f"ttl left {current.ttl_ms / 1000:.2f}s")
+        print(f"since    {current.since}")
+        if current.address:
+            print(f"address  {current.address}")
+    return 0
+
+
+async def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        last = await runs.last_runs(pool)
+    now = datetime.now(UTC)
+    rows = []
+    for spec in settings.jobs:
+        run = last.get(spec.name)
+        rows.append(
+            {
+                **spec.describe(),
+                "next_slot": spec.schedule.next_after(now).isoformat() if spec.schedule else None,
+                "last_run": runs.public(run) if run else None,
+            }
+        )
+    if args.json:
+        print(orjson.dumps(rows).decode())
+        return 0
+    if not rows:
+        print("no jobs (set WORKER_JOBS_FILE)")
+    for r in rows:
+        lr = r["last_run"]
+        last_txt = f"{lr['status']} #{lr['id']} {lr['created_at'][:19]}" if lr else "never ran"
+        print(
+            f"{r['name']:<24} {r['kind']:<14} {r['schedule'] or '-':<18} {r['timezone']:<18}"
+            f" next {(r['next_slot'] or '-')[:19]}  last {last_txt}"
+        )
+    return 0
+
+
+async def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        if args.id is not None:
+            run = await runs.get(pool, args.id)
+            if run is None:
+                print(f"no run {args.id}", file=sys.stderr)
+                return 1
+            print(orjson.dumps(runs.public(run), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        found = await runs.search(pool, job=args.job, status=args.status, limit=args.limit)
+    if args.json:
+        print(orjson.dumps([runs.public(r) for r in found]).decode())
+        return 0
+    for r in found:
+        p = r["progress"] or {}
+        prog = p.get("message") or (f"{p.get('done')}/{p.get('total')}" if p else "")
+        slot = r["slot"].isoformat()[:19] if r["slot"] else "-"
+        took = runs.public(r)["duration"]
+        print(
+            f"#{r['id']:<7} {r['job']:<22} {r['status']:<10} {r['trigger']:<8} slot {slot:<19}"
+            f" {f'{took:.1f}s' if took is not None else '':>8}  {prog}  {r['error'] or ''}".rstrip()
+        )
+    if not found:
+        print("no runs")
+    return 0
+
+
+async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
+    spec = settings.job(args.job)
+    if spec is None:
+        known = ", ".join(j.name for j in settings.jobs) or "none"
+        print(f"unknown job {args.job!r} (known: {known})", file=sys.stderr)
+        return 2
+    if not spec.manual:
+        print(f"job {args.job!r} has manual = false", file=sys.stderr)
+        return 2
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        run_id = await runs.enqueue(
+            pool, job=spec.name, kind=spec.kind, params=spec.params, requested_by="cli"
+        )
+        print(f"queued run {run_id}")
+        if not args.wait:
+            return 0
+        return await _follow(pool, run_id)
+
+
+async def _follow(pool: db.Pool, run_id: int) -> int:
+    """Print progress of a run until it ends; exit 0 if it succeeded."""
+    shown = ""
+    while True:
+        run = await runs.get(pool, run_id)
+        assert run is not None
+        msg = (run["progress"] or {}).get("message") or ""
+        line = f"run {run_id}: {run['status']}{' - ' + msg if msg else ''}"
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if run["status"] in runs.FINAL:
+            if run["error"]:
+                print(f"error: {run['error']}")
+            return 0 if run["status"] == "succeeded" else 1
+        await asyncio.sleep(0.5)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="worker",
+        description="Runs scheduled syncs from many replicas; one leader at a time.",
+        epilog="Configuration comes from the environment: see README.md.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run a replica: HTTP server, leader election, scheduler")
+    m = sub.add_parser("migrate", help="apply database migrations")
+    m.add_argument("--create-db", action="store_true", help="create the database if missing")
+    lp = sub.add_parser("leader", help="who holds the lease: holder, token, TTL left, since")
+    lp.add_argument("--json", action="store_true", help="print JSON")
+    jp = sub.add_parser("jobs", help="configured jobs with next slot and last run")
+    jp.add_argument("--json", action="store_true", help="print JSON")
+    rp = sub.add_parser("runs", help="recent runs with status and progress")
+    rp.add_argument("--job", help="only this job")
+    rp.add_argument("--status", choices=runs.STATUSES, help="only runs with this status")
+    rp.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    rp.add_argument("--id", type=int, help="show one run in full")
+    rp.add_argument("--json", action="store_true", help="print JSON")
+    tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
+    tp.add_argument("job", metavar="JOB")
+    tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    sub.add_parser(
+        "sandbox", help="run the local sandbox marketplace (eMAG + eBay)", add_help=False
+    )
+    return p
+
+
+COMMANDS: dict[str, Command] = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "leader": cmd_leader,
+    "jobs": cmd_jobs,
+    "runs": cmd_runs,
+    "trigger": cmd_trigger,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        from .sandbox.app import main as sandbox_main
+
+        return sandbox_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(fmt=settings.log_format, level=settings.log_level, worker_id=settings.worker_id)
+    try:
+        return asyncio.run(COMMANDS[args.command](args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ConnectionError) as exc:
+        print(f"error: cannot reach a service: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

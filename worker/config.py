@@ -1,0 +1,325 @@
+"""Typed, frozen settings from the environment and the jobs file, validated when built.
+
+Every error names the variable (or the job and field) and says what is wrong, so a
+replica with bad configuration stops at start with one readable line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .durations import parse_duration
+from .errors import ConfigError
+from .schedule import CronSchedule, Misfire, Overlap
+
+Role = Literal["all", "http", "scheduler"]
+ROLES: tuple[Role, ...] = ("all", "http", "scheduler")
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """Timing of the Redis lease; validated so that ttl > renew_deadline > retry."""
+
+    ttl: float = 10.0
+    renew_deadline: float | None = None
+    retry: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.renew_deadline if self.renew_deadline is not None else self.ttl * 2 / 3
+
+    @property
+    def retry_period(self) -> float:
+        return self.retry if self.retry is not None else self.ttl / 5
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+    def validate(self) -> None:
+        if not self.ttl > self.deadline > self.retry_period > 0:
+            raise ConfigError(
+                "WORKER_LEASE_TTL / WORKER_LEASE_RENEW_DEADLINE / WORKER_LEASE_RETRY: need "
+                f"ttl > renew_deadline > retry > 0, got {self.ttl:g} > {self.deadline:g} > "
+                f"{self.retry_period:g}"
+            )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One `[[jobs]]` table of the jobs file."""
+
+    name: str
+    kind: str
+    schedule: CronSchedule | None
+    timezone: str = "UTC"
+    timeout: float = 3600.0
+    misfire: Misfire = "latest"
+    misfire_grace: float = 60.0
+    overlap: Overlap = "forbid"
+    manual: bool = True
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "schedule": self.schedule.expr if self.schedule else None,
+            "timezone": self.timezone,
+            "timeout": self.timeout,
+            "misfire": self.misfire,
+            "misfire_grace": self.misfire_grace,
+            "overlap": self.overlap,
+            "manual": self.manual,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a replica needs, built once by `Settings.from_env()`."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/worker"
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    key_prefix: str = "worker:"
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
+    jobs_file: Path | None = None
+    api_key: str | None = field(default=None, repr=False)
+    role: Role = "all"
+    shutdown_grace: float = 20.0
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: str = "INFO"
+    max_concurrent_runs: int = 8
+    db_timeout: float = 10.0
+    jobs: tuple[JobSpec, ...] = ()
+
+    @property
+    def campaigns(self) -> bool:
+        return self.role != "http"
+
+    @property
+    def public_api(self) -> bool:
+        return self.role != "scheduler"
+
+    def job(self, name: str) -> JobSpec | None:
+        return next((j for j in self.jobs if j.name == name), None)
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        kinds: Mapping[str, Callable[[JobSpec], None]] | None = None,
+    ) -> Settings:
+        """Build and validate settings; `kinds` maps job kinds to their params checker."""
+        env = os.environ if env is None else env
+        e = _Env(env)
+        lease = LeaseSettings(
+            ttl=e.seconds("WORKER_LEASE_TTL", 10.0),
+            renew_deadline=e.seconds_or_none("WORKER_LEASE_RENEW_DEADLINE"),
+            retry=e.seconds_or_none("WORKER_LEASE_RETRY"),
+        )
+        lease.validate()
+        jobs_file = e.get("WORKER_JOBS_FILE")
+        path = Path(jobs_file) if jobs_file else None
+        settings = cls(
+            redis_url=e.url("REDIS_URL", cls.redis_url, ("redis://", "rediss://", "unix://")),
+            database_url=e.url("DATABASE_URL", cls.database_url, ("postgresql://", "postgres://")),
+            worker_id=e.get("WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            http_host=e.get("WORKER_HTTP_HOST") or cls.http_host,
+            http_port=e.integer("WORKER_HTTP_PORT", cls.http_port, lo=0, hi=65535),
+            key_prefix=e.get("WORKER_KEY_PREFIX") or cls.key_prefix,
+            lease=lease,
+            jobs_file=path,
+            api_key=e.get("WORKER_API_KEY") or None,
+            role=cast(Role, e.choice("WORKER_ROLE", "all", ROLES)),
+            shutdown_grace=e.seconds("WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
+            log_format=cast(
+                Literal["auto", "json", "text"],
+                e.choice("WORKER_LOG_FORMAT", "auto", ("auto", "json", "text")),
+            ),
+            log_level=e.choice(
+                "WORKER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+            max_concurrent_runs=e.integer("WORKER_MAX_RUNS", cls.max_concurrent_runs, lo=1),
+            db_timeout=e.seconds("WORKER_DB_TIMEOUT", cls.db_timeout),
+            jobs=load_jobs(path, kinds=kinds) if path else (),
+        )
+        return settings
+
+
+class _Env:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def get(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.seconds_or_none(name)
+        return default if value is None else value
+
+    def seconds_or_none(self, name: str) -> float | None:
+        raw = self.get(name)
+        if raw is None:
+            return None
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def integer(self, name: str, default: int, *, lo: int = 0, hi: int | None = None) -> int:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ConfigError(f"{name}: must be {bound}, got {value}")
+        return value
+
+    def choice(
+        self, name: str, default: str, options: tuple[str, ...], *, upper: bool = False
+    ) -> str:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in options:
+            raise ConfigError(f"{name}: must be one of {', '.join(options)}; got {raw!r}")
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        raw = self.get(name)
+        if raw is None:
+            return default
+        if not raw.startswith(schemes):
+            raise ConfigError(
+                f"{name}: expected a URL starting with {' or '.join(schemes)}, "
+                f"got {raw.split('://')[0]!r}://…"
+            )
+        return raw
+
+
+_JOB_FIELDS = {
+    "name",
+    "kind",
+    "schedule",
+    "timezone",
+    "timeout",
+    "misfire",
+    "misfire_grace",
+    "overlap",
+    "manual",
+    "params",
+}
+
+
+def load_jobs(
+    path: Path, *, kinds: Mapping[str, Callable[[JobSpec], None]] | None = None
+) -> tuple[JobSpec, ...]:
+    """Read and validate a jobs file; errors name the file, the job and the field."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"WORKER_JOBS_FILE: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"WORKER_JOBS_FILE: {path} is not valid TOML: {exc}") from None
+    tables = data.get("jobs", [])
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: 'jobs' must be an array of tables ([[jobs]])")
+    jobs: list[JobSpec] = []
+    for i, table in enumerate(tables):
+        job = _job_from_table(path, i, table)
+        if any(j.name == job.name for j in jobs):
+            raise ConfigError(f"{path}: job {job.name!r}: name is used twice")
+        if kinds is not None:
+            check = kinds.get(job.kind)
+            if check is None:
+                raise ConfigError(
+                    f"{path}: job {job.name!r}: kind {job.kind!r} is unknown; "
+                    f"known kinds: {', '.join(sorted(kinds))}"
+                )
+            try:
+                check(job)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ConfigError(f"{path}: job {job.name!r}: params: {exc}") from None
+        jobs.append(job)
+    return tuple(jobs)
+
+
+def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
+    where = f"{path}: jobs[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    name = table.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: field 'name' is required (a non-empty string)")
+    where = f"{path}: job {name!r}"
+    unknown = set(table) - _JOB_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+
+    def bad(fld: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}: field {fld!r}: {why}")
+
+    kind = table.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise bad("kind", "is required (a string such as 'http')")
+    tz_name = table.get("timezone", "UTC")
+    try:
+        ZoneInfo(str(tz_name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise bad("timezone", f"unknown timezone {tz_name!r}") from None
+    schedule: CronSchedule | None = None
+    expr = table.get("schedule")
+    if expr is not None:
+        if not isinstance(expr, str):
+            raise bad("schedule", "must be a cron string")
+        try:
+            schedule = CronSchedule(expr, str(tz_name))
+        except ValueError as exc:
+            raise bad("schedule", str(exc)) from None
+    durations: dict[str, float] = {}
+    for fld, default in (("timeout", 3600.0), ("misfire_grace", 60.0)):
+        try:
+            durations[fld] = parse_duration(table[fld]) if fld in table else default
+        except ValueError as exc:
+            raise bad(fld, str(exc)) from None
+    misfire = table.get("misfire", "latest")
+    if misfire not in ("skip", "latest", "all"):
+        raise bad("misfire", f"must be skip, latest or all; got {misfire!r}")
+    overlap = table.get("overlap", "forbid")
+    if overlap not in ("forbid", "allow"):
+        raise bad("overlap", f"must be forbid or allow; got {overlap!r}")
+    manual = table.get("manual", True)
+    if not isinstance(manual, bool):
+        raise bad("manual", f"must be true or false; got {manual!r}")
+    params = table.get("params", {})
+    if not isinstance(params, dict):
+        raise bad("params", "must be a table ([jobs.params])")
+    return JobSpec(
+        name=name,
+        kind=kind,
+        schedule=schedule,
+        timezone=str(tz_name),
+        timeout=durations["timeout"],
+        misfire=misfire,
+        misfire_grace=durations["misfire_grace"],
+        overlap=overlap,
+        manual=manual,
+        params=params,
+    )

@@ -1,0 +1,39 @@
+"""Prometheus metrics. Registered once on the default registry (with the process collector)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LEADER = Gauge("worker_leader", "1 while this replica leads, else 0")
+LEADER_TOKEN = Gauge(
+    "worker_leader_token", "Fencing token of this replica's current term (0 if none)"
+)
+LEADER_TRANSITIONS = Counter(
+    "worker_leader_transitions_total", "Times this replica gained or lost leadership"
+)
+LEASE_RENEW_FAILURES = Counter(
+    "worker_lease_renew_failures_total", "Lease renewals that failed or found the lease gone"
+)
+RUNS = Counter("worker_runs_total", "Runs finished, by job and final status", ["job", "status"])
+RUN_DURATION = Histogram(
+    "worker_run_duration_seconds",
+    "Wall time of finished runs",
+    ["job"],
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200),
+)
+MISSED_SLOTS = Counter("worker_missed_slots_total", "Slots recorded as missed", ["job"])
+RUNS_ACTIVE = Gauge("worker_runs_active", "Runs executing in this replica")
+UPSTREAM_REQUESTS = Counter(
+    "worker_upstream_requests_total",
+    "Upstream HTTP attempts by host and status code (or error class)",
+    ["host", "code"],
+)
+UPSTREAM_DURATION = Histogram(
+    "worker_upstream_request_duration_seconds", "Upstream HTTP attempt latency", ["host"]
+)
+RATE_LIMIT_WAIT = Histogram(
+    "worker_rate_limit_wait_seconds",
+    "Time spent waiting for a rate-limit permit",
+    ["key"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)

@@ -1,0 +1,233 @@
+"""The run store: every SQL statement about runs, in one place.
+
+Leader writes take a connection from `db.fenced()`; the few writes any replica may
+make (enqueueing a manual run) and all reads take the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .db import NOTIFY_CHANNEL, Connection, Pool
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed")
+STATUSES = ACTIVE + FINAL
+
+_COLUMNS = (
+    "id, job, kind, slot, trigger, status, token, attempt, params, cursor, progress, stats,"
+    " result, error, resumed_from, requested_by, worker_id, heartbeat_at, created_at,"
+    " started_at, finished_at"
+)
+
+
+async def job_since(pool: Pool, job: str) -> datetime:
+    """When the scheduler first saw `job` (recorded now if never)."""
+    await pool.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job)
+    since: datetime = await pool.fetchval("SELECT since FROM job_state WHERE job = $1", job)
+    return since
+
+
+async def last_slot(pool: Pool, job: str) -> datetime | None:
+    last: datetime | None = await pool.fetchval("SELECT max(slot) FROM runs WHERE job = $1", job)
+    return last
+
+
+async def claim_slot(
+    conn: Connection,
+    *,
+    job: str,
+    kind: str,
+    slot: datetime,
+    token: int,
+    worker_id: str,
+    params: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """Insert the running row for a slot; None if the slot was already claimed."""
+    row = await conn.fetchrow(
+        "INSERT INTO runs (job, kind, slot, trigger, status, token, params, worker_id,"
+        " started_at, heartbeat_at)"
+        " VALUES ($1, $2, $3, 'schedule', 'running', $4, $5, $6, now(), now())"
+        f" ON CONFLICT (job, slot) DO NOTHING RETURNING {_COLUMNS}",
+        job,
+        kind,
+        slot,
+        token,
+        dict(params),
+        worker_id,
+    )
+    return dict(row) if row else None
+
+
+async def record_missed(
+    conn: Connection, *, job: str, kind: str, slots: Iterable[datetime], reason: str
+) -> int:
+    """Store skipped slots as `missed` rows; returns how many were new."""
+    slots = list(slots)
+    if not slots:
+        return 0
+    result: str = await conn.execute(
+        "INSERT INTO runs (job, kind, slot, trigger, status, error, finished_at)"
+        " SELECT $1, $2, s, 'schedule', 'missed', $4, now() FROM unnest($3::timestamptz[]) s"
+        " ON CONFLICT (job, slot) DO NOTHING",
+        job,
+        kind,
+        slots,
+        reason,
+    )
+    return int(result.split()[-1])
+
+
+async def enqueue(
+    pool: Pool,
+    *,
+    job: str,
+    kind: str,
+    params: Mapping[str, Any],
+    trigger: str = "manual",
+    requested_by: str = "",
+    resumed_from: int | None = None,
+    cursor: Any = None,
+    attempt: int = 1,
+) -> int:
+    """Queue a run for the leader to pick up (any replica may call this)."""
+    async with pool.acquire() as conn, conn.transaction():
+        run_id: int = await conn.fetchval(
+            "INSERT INTO runs (job, kind, trigger, status, params, requested_by, resumed_from,"
+            " cursor, attempt) VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8) RETURNING id",
+            job,
+            kind,
+            trigger,
+            dict(params),
+            requested_by,
+            resumed_from,
+            cursor,
+            attempt,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(run_id))
+    return run_id
+
+
+async def start_queued(
+    conn: Connection, *, token: int, worker_id: str, skip_jobs: Iterable[str]
+) -> dict[str, Any] | None:
+    """Take the oldest queued run whose job is not in `skip_jobs` and mark it running."""
+    row = await conn.fetchrow(
+        "UPDATE runs SET status = 'running', token = $1, worker_id = $2, started_at = now(),"
+        " heartbeat_at = now() WHERE id = ("
+        "   SELECT id FROM runs WHERE status = 'queued' AND NOT (job = ANY($3::text[]))"
+        "   ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {_COLUMNS}",
+        token,
+        worker_id,
+        list(skip_jobs),
+    )
+    return dict(row) if row else None
+
+
+async def heartbeat(conn: Connection, run_ids: list[int]) -> None:
+    await conn.execute(
+        "UPDATE runs SET heartbeat_at = now() WHERE id = ANY($1::bigint[]) AND status = 'running'",
+        run_ids,
+    )
+
+
+async def save_progress(
+    conn: Connection,
+    run_id: int,
+    *,
+    progress: Mapping[str, Any] | None = None,
+    stats: Mapping[str, Any] | None = None,
+    cursor: Any = None,
+    set_cursor: bool = False,
+) -> None:
+    """Update progress/stats (merged) and, when `set_cursor`, the checkpoint cursor."""
+    await conn.execute(
+        "UPDATE runs SET progress = progress || $2, stats = stats || $3,"
+        " cursor = CASE WHEN $4 THEN $5::jsonb ELSE cursor END, heartbeat_at = now()"
+        " WHERE id = $1",
+        run_id,
+        dict(progress or {}),
+        dict(stats or {}),
+        set_cursor,
+        cursor,
+    )
+
+
+async def finish(
+    conn: Connection,
+    run_id: int,
+    *,
+    status: str,
+    error: str | None = None,
+    result: Any = None,
+) -> None:
+    await conn.execute(
+        "UPDATE runs SET status = $2, error = $3, result = $4, finished_at = now()"
+        " WHERE id = $1 AND status = 'running'",
+        run_id,
+        status,
+        error,
+        result,
+    )
+
+
+async def abandon_stale(conn: Connection, *, token: int) -> list[dict[str, Any]]:
+    """Mark runs still `running` under an older leader's token as abandoned."""
+    rows = await conn.fetch(
+        "UPDATE runs SET status = 'abandoned', finished_at = now(),"
+        " error = coalesce(error, 'its leader (token ' || token || ') went away')"
+        " WHERE status = 'running' AND token < $1"
+        f" RETURNING {_COLUMNS}",
+        token,
+    )
+    return [dict(r) for r in rows]
+
+
+async def running_jobs(pool: Pool) -> set[str]:
+    rows = await pool.fetch("SELECT DISTINCT job FROM runs WHERE status = 'running'")
+    return {r["job"] for r in rows}
+
+
+async def get(pool: Pool, run_id: int) -> dict[str, Any] | None:
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM runs WHERE id = $1", run_id)
+    return dict(row) if row else None
+
+
+async def search(
+    pool: Pool, *, job: str | None = None, status: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM runs"
+        " WHERE ($1::text IS NULL OR job = $1) AND ($2::text IS NULL OR status = $2)"
+        " ORDER BY id DESC LIMIT $3",
+        job,
+        status,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def last_runs(pool: Pool) -> dict[str, dict[str, Any]]:
+    """The newest run of each job that actually ran (missed slots left out)."""
+    rows = await pool.fetch(
+        f"SELECT DISTINCT ON (job) {_COLUMNS} FROM runs WHERE status <> 'missed'"
+        " ORDER BY job, id DESC"
+    )
+    return {r["job"]: dict(r) for r in rows}
+
+
+def public(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run as the API and CLI show it: times as ISO 8601, duration in seconds."""
+    out: dict[str, Any] = {}
+    for key, value in run.items():
+        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    started, finished = run.get("started_at"), run.get("finished_at")
+    out["duration"] = (
+        (finished - started).total_seconds()
+        if isinstance(started, datetime) and isinstance(finished, datetime)
+        else None
+    )
+    return out

@@ -1,0 +1,223 @@
+"""The aiohttp application every replica serves: probes, metrics, the run/job API."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_async.aio.web import server_stats
+from redis.asyncio import Redis
+
+from .. import runs
+from ..config import Settings
+from ..db import Pool
+from ..election import Elector
+from ..lease import Lease
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class WebState:
+    """What the handlers read; built by `worker.app` and stored under `STATE`."""
+
+    settings: Settings
+    pool: Pool
+    redis: Redis
+    lease: Lease
+    elector: Elector | None = None
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+STATE = web.AppKey("state", WebState)
+
+
+def json_response(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        content_type="application/json",
+    )
+
+
+class ApiError(web.HTTPException):
+    """An error answered as {"error": {"code", "message"}}."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status_code = status
+        super().__init__(
+            body=orjson.dumps({"error": {"code": code, "message": message}}),
+            content_type="application/json",
+        )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        raise ApiError(exc.status, code, exc.text or exc.reason) from None
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        raise ApiError(500, "internal", "internal error; see the worker's log") from None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    elector = request.app[STATE].elector
+    if elector is not None and not elector.healthy():
+        return json_response(
+            {"status": "unhealthy", "reason": "leading without a lease renewal past the deadline"},
+            status=503,
+        )
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.shutting_down.is_set():
+        return json_response({"status": "unready", "down": ["shutting down"]}, status=503)
+
+    async def check(name: str, probe: Awaitable[Any]) -> str | None:
+        try:
+            async with asyncio.timeout(1.0):
+                await probe
+        except Exception as exc:  # a probe reports, never raises
+            return f"{name}: {type(exc).__name__} {exc}".strip()
+        return None
+
+    results = await asyncio.gather(
+        check("redis", state.redis.ping()), check("postgres", state.pool.fetchval("SELECT 1"))
+    )
+    down = [r for r in results if r]
+    if down:
+        return json_response({"status": "unready", "down": down}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def leader(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    current = await state.lease.current()
+    me = state.settings.worker_id
+    return json_response(
+        {
+            "holder": current.holder if current else None,
+            "token": current.token if current else None,
+            "ttl_ms": current.ttl_ms if current else None,
+            "since": current.since if current else None,
+            "address": current.address if current else None,
+            "self": bool(current and current.holder == me),
+            "self_id": me,
+        }
+    )
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    last = await runs.last_runs(state.pool)
+    return json_response({"jobs": [_job_view(state, j.name, last) for j in state.settings.jobs]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    if state.settings.job(name) is None:
+        raise ApiError(404, "unknown_job", f"no job named {name!r}")
+    return json_response(_job_view(state, name, await runs.last_runs(state.pool)))
+
+
+def _job_view(state: WebState, name: str, last: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec = state.settings.job(name)
+    assert spec is not None
+    view = spec.describe()
+    view["next_slot"] = (
+        spec.schedule.next_after(datetime.now(UTC)).isoformat() if spec.schedule else None
+    )
+    view["last_run"] = runs.public(last[name]) if name in last else None
+    return view
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    q = request.query
+    status = q.get("status") or None
+    if status is not None and status not in runs.STATUSES:
+        raise ApiError(400, "bad_status", f"status must be one of {', '.join(runs.STATUSES)}")
+    try:
+        limit = int(q.get("limit", "50"))
+    except ValueError:
+        raise ApiError(400, "bad_limit", "limit must be a whole number") from None
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "bad_limit", "limit must be from 1 to 1000")
+    found = await runs.search(state.pool, job=q.get("job") or None, status=status, limit=limit)
+    return json_response({"runs": [runs.public(r) for r in found]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    try:
+        run_id = int(request.match_info["id"])
+    except ValueError:
+        raise ApiError(400, "bad_id", "run id must be a number") from None
+    run = await runs.get(request.app[STATE].pool, run_id)
+    if run is None:
+        raise ApiError(404, "unknown_run", f"no run {run_id}")
+    return json_response(runs.public(run))
+
+
+def _require_key(request: web.Request) -> None:
+    expected = request.app[STATE].settings.api_key
+    if not expected:
+        raise ApiError(403, "api_disabled", "mutating endpoints are off: set WORKER_API_KEY")
+    given = request.headers.get("X-API-Key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+
+
+async def trigger(request: web.Request) -> web.Response:
+    _require_key(request)
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    spec = state.settings.job(name)
+    if spec is None:
+        raise ApiError(404, "unknown_job", f"no job named {name!r}")
+    if not spec.manual:
+        raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
+    run_id = await runs.enqueue(
+        state.pool,
+        job=name,
+        kind=spec.kind,
+        params=spec.params,
+        requested_by=f"api:{state.settings.worker_id}",
+    )
+    log.info("run %s of %s queued via the API", run_id, name)
+    return json_response({"run_id": run_id, "status": "queued"}, status=202)
+
+
+def build_app(state: WebState) -> web.Application:
+    """The application: probes and metrics always, the API unless role=scheduler."""
+    app = web.Application(middlewares=[_errors])
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", server_stats)
+    if state.settings.public_api:
+        app.router.add_get("/leader", leader)
+        app.router.add_get("/jobs", list_jobs)
+        app.router.add_get("/jobs/{name}", get_job)
+        app.router.add_post("/jobs/{name}/trigger", trigger)
+        app.router.add_get("/runs", list_runs)
+        app.router.add_get("/runs/{id}", get_run)
+    return app
