@@ -1,0 +1,205 @@
+"""The leader's scheduler against real Postgres and Redis: claims, misfire, manual runs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from worker import db, runs
+from worker.errors import Fenced
+from worker.lease import Grant, Lease
+from worker.scheduler import Leader
+from worker.upstream import Upstream, open_upstream
+
+from .helpers import RecordingJob, eventually, settings_with_jobs
+
+EVERY_MINUTE = """
+[[jobs]]
+name = "tick"
+kind = "rec"
+schedule = "* * * * *"
+misfire = "{misfire}"
+misfire_grace = "90s"
+overlap = "forbid"
+"""
+
+MANUAL_ONLY = """
+[[jobs]]
+name = "on-demand"
+kind = "rec"
+"""
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with open_upstream() as up:
+        yield up
+
+
+async def grant_for(redis: Redis, prefix: str, holder: str) -> Grant:
+    grant, _ = await Lease(redis, prefix=prefix).acquire(holder=holder, ttl=30)
+    assert grant is not None
+    return grant
+
+
+async def test_concurrent_claims_of_one_slot_insert_one_run(pool: db.Pool) -> None:
+    await db.raise_fence(pool, token=1, holder="a")
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def claim(worker: str) -> object:
+        async with db.fenced(pool, 1) as conn:
+            return await runs.claim_slot(
+                conn, job="j", kind="http", slot=slot, token=1, worker_id=worker, params={}
+            )
+
+    results = await asyncio.gather(*(claim(f"w{i}") for i in range(8)))
+    assert sum(r is not None for r in results) == 1
+    assert await pool.fetchval("SELECT count(*) FROM runs WHERE job = 'j'") == 1
+
+
+async def test_split_brain_stale_leader_cannot_claim(pool: db.Pool) -> None:
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    await db.raise_fence(pool, token=1, holder="old")
+    await db.raise_fence(pool, token=2, holder="new")
+
+    async def claim(token: int) -> object:
+        async with db.fenced(pool, token) as conn:
+            return await runs.claim_slot(
+                conn, job="j", kind="http", slot=slot, token=token, worker_id="x", params={}
+            )
+
+    old, new = await asyncio.gather(claim(1), claim(2), return_exceptions=True)
+    assert isinstance(old, Fenced)
+    assert isinstance(new, dict)
+    assert [r["token"] for r in await pool.fetch("SELECT token FROM runs")] == [2]
+
+
+@pytest.mark.parametrize(
+    ("misfire", "ran_minutes_ago", "missed"),
+    [("skip", [], 10), ("latest", [1], 9), ("all", [10, 9, 8, 7, 6, 5, 4, 3, 2, 1], 0)],
+)
+async def test_misfire_after_an_outage(
+    tmp_path: Path,
+    pool: db.Pool,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    misfire: str,
+    ran_minutes_ago: list[int],
+    missed: int,
+) -> None:
+    # The previous leader ran the 11:50 slot, then the cluster was down until 12:00:30.
+    now = datetime(2026, 5, 1, 12, 0, 30, tzinfo=UTC)
+    last = datetime(2026, 5, 1, 11, 50, tzinfo=UTC)
+    await pool.execute("INSERT INTO job_state (job, since) VALUES ('tick', $1)", last)
+    await pool.execute(
+        "INSERT INTO runs (job, kind, slot, trigger, status) VALUES ('tick', 'rec', $1,"
+        " 'schedule', 'succeeded')",
+        last,
+    )
+    settings = settings_with_jobs(tmp_path, EVERY_MINUTE.format(misfire=misfire))
+    job = RecordingJob()
+    leader = Leader(
+        settings=settings, pool=pool, upstream=upstream, kinds={"rec": job}, now=lambda: now
+    )
+    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
+    expected = [now.replace(second=0) - timedelta(minutes=m - 1) for m in ran_minutes_ago]
+    # The 12:00 slot is 30 s old: on time within the 90 s grace, so `skip` runs it too.
+    if misfire == "skip":
+        expected = [datetime(2026, 5, 1, 12, 0, tzinfo=UTC)]
+        missed = 9
+    await eventually(lambda: len(job.runs) >= len(expected))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(ctx.slot for ctx in job.runs if ctx.slot) == sorted(expected)
+    rows = await pool.fetch("SELECT slot, status FROM runs WHERE job = 'tick' AND slot > $1", last)
+    assert sum(r["status"] == "missed" for r in rows) == missed
+    assert sum(r["status"] == "succeeded" for r in rows) == len(expected)
+    assert len({r["slot"] for r in rows}) == len(rows) == missed + len(expected)
+
+
+async def test_manual_run_queued_by_another_replica_runs_on_the_leader(
+    tmp_path: Path,
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+) -> None:
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY, worker_id="leader-pod")
+    job = RecordingJob()
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
+    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "leader-pod")))
+    await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
+    # Another replica (its own pool) only writes a queued row and NOTIFYs.
+    async with db.open_pool(database_url) as other:
+        run_id = await runs.enqueue(
+            other, job="on-demand", kind="rec", params={}, requested_by="api"
+        )
+
+    async def finished() -> bool:
+        run = await runs.get(pool, run_id)
+        return run is not None and run["status"] == "succeeded"
+
+    await eventually(finished, timeout=3.0)
+    run = await runs.get(pool, run_id)
+    assert run is not None
+    assert run["worker_id"] == "leader-pod"
+    assert run["trigger"] == "manual"
+    assert run["slot"] is None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_cancelled_leader_marks_its_runs_abandoned(
+    tmp_path: Path, pool: db.Pool, redis: Redis, key_prefix: str, upstream: Upstream
+) -> None:
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY + "[jobs.params]\nsleep = 30\n")
+    job = RecordingJob()
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
+    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
+    run_id = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 30})
+    await eventually(lambda: job.runs)
+    task.cancel("shutdown")
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    run = await runs.get(pool, run_id)
+    assert run is not None
+    assert run["status"] == "abandoned"
+    assert "shutdown" in run["error"]
+    term = await pool.fetchrow("SELECT ended_at, end_reason FROM leader_terms")
+    assert term["ended_at"] is not None
+
+
+async def test_run_timeout_and_failure_are_recorded(
+    tmp_path: Path, pool: db.Pool, redis: Redis, key_prefix: str, upstream: Upstream
+) -> None:
+    toml = MANUAL_ONLY.replace('kind = "rec"', 'kind = "rec"\ntimeout = "0.3s"\noverlap = "allow"')
+    settings = settings_with_jobs(tmp_path, toml)
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": RecordingJob()})
+    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
+    slow = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 5})
+    bad = await runs.enqueue(pool, job="on-demand", kind="rec", params={"fail": True})
+
+    async def both_done() -> bool:
+        rows = [await runs.get(pool, slow), await runs.get(pool, bad)]
+        return all(r is not None and r["status"] in runs.FINAL for r in rows)
+
+    await eventually(both_done)
+    slow_run, bad_run = await runs.get(pool, slow), await runs.get(pool, bad)
+    assert slow_run is not None and bad_run is not None
+    assert (slow_run["status"], slow_run["error"]) == ("failed", "timed out after 0.3s")
+    assert bad_run["status"] == "failed"
+    assert "asked to fail" in bad_run["error"]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
