@@ -19,6 +19,7 @@ from .. import runs
 from ..config import Settings
 from ..db import Pool
 from ..election import Elector
+from ..errors import WorkerError
 from ..lease import Lease
 
 log = logging.getLogger(__name__)
@@ -49,31 +50,33 @@ def json_response(data: Any, *, status: int = 200) -> web.Response:
     )
 
 
-class ApiError(web.HTTPException):
-    """An error answered as {"error": {"code", "message"}}."""
+class ApiError(WorkerError):
+    """An error answered as {"error": {"code", "message"}} with an HTTP status."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        self.status_code = status
-        super().__init__(
-            body=orjson.dumps({"error": {"code": code, "message": message}}),
-            content_type="application/json",
-        )
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError:
-        raise
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = exc.reason.lower().replace(" ", "_")
-        raise ApiError(exc.status, code, exc.text or exc.reason) from None
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        raise ApiError(500, "internal", "internal error; see the worker's log") from None
+        return error_response(500, "internal", "internal error; see the worker's log")
 
 
 async def healthz(request: web.Request) -> web.Response:
