@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -68,7 +69,7 @@ def test_fall_back_hourly_has_no_duplicate_hour() -> None:
         "2026-10-25T04:00:00+02:00",
         "2026-10-25T05:00:00+02:00",
     ]
-    assert all(b - a >= timedelta(hours=1) for a, b in zip(got, got[1:], strict=False))
+    assert all(b - a >= timedelta(hours=1) for a, b in itertools.pairwise(got))
 
 
 def test_after_inside_the_repeated_hour_does_not_rerun() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -196,7 +195,8 @@ async def test_run_timeout_and_failure_are_recorded(
 
     await eventually(both_done)
     slow_run, bad_run = await runs.get(pool, slow), await runs.get(pool, bad)
-    assert slow_run is not None and bad_run is not None
+    assert slow_run is not None
+    assert bad_run is not None
     assert (slow_run["status"], slow_run["error"]) == ("failed", "timed out after 0.3s")
     assert bad_run["status"] == "failed"
     assert "asked to fail" in bad_run["error"]

@@ -100,6 +100,7 @@ class Settings:
     log_level: str = "INFO"
     max_concurrent_runs: int = 8
     db_timeout: float = 10.0
+    reap_after: float = 15.0
     jobs: tuple[JobSpec, ...] = ()
 
     @property
@@ -152,6 +153,7 @@ class Settings:
             ),
             max_concurrent_runs=e.integer("WORKER_MAX_RUNS", cls.max_concurrent_runs, lo=1),
             db_timeout=e.seconds("WORKER_DB_TIMEOUT", cls.db_timeout),
+            reap_after=e.seconds("WORKER_REAP_AFTER", cls.reap_after),
             jobs=load_jobs(path, kinds=kinds) if path else (),
         )
         return settings

@@ -174,16 +174,48 @@ async def finish(
     )
 
 
-async def abandon_stale(conn: Connection, *, token: int) -> list[dict[str, Any]]:
-    """Mark runs still `running` under an older leader's token as abandoned."""
+async def reap(conn: Connection, *, token: int, stale_after: float) -> list[dict[str, Any]]:
+    """Runs still `running` under an older leader whose heartbeat stopped: abandoned.
+
+    The fence already stops their writes; waiting for the heartbeat to go stale also
+    gives a frozen (not dead) old leader time to notice and stop calling upstream.
+    """
     rows = await conn.fetch(
         "UPDATE runs SET status = 'abandoned', finished_at = now(),"
         " error = coalesce(error, 'its leader (token ' || token || ') went away')"
         " WHERE status = 'running' AND token < $1"
+        " AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => $2)"
         f" RETURNING {_COLUMNS}",
         token,
+        stale_after,
     )
     return [dict(r) for r in rows]
+
+
+async def queue_resumes(
+    conn: Connection, *, kinds: list[str], max_attempts: int, within: float = 86400.0
+) -> list[tuple[int, int]]:
+    """Queue a `resume` run for each recently abandoned resumable run not yet resumed.
+
+    The new run starts from the abandoned run's last committed cursor and carries its
+    stats, so nothing committed is fetched again. Returns (new id, abandoned id) pairs.
+    """
+    rows = await conn.fetch(
+        "INSERT INTO runs (job, kind, trigger, status, params, cursor, stats, attempt,"
+        " resumed_from, requested_by)"
+        " SELECT r.job, r.kind, 'resume', 'queued', r.params, r.cursor, r.stats,"
+        " r.attempt + 1, r.id, 'reaper' FROM runs r"
+        " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[]) AND r.attempt < $2"
+        " AND r.finished_at > now() - make_interval(secs => $3)"
+        " AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.resumed_from = r.id)"
+        " ORDER BY r.id RETURNING id, resumed_from",
+        kinds,
+        max_attempts,
+        within,
+    )
+    if rows:
+        await conn.execute("SELECT pg_notify($1, 'resume')", NOTIFY_CHANNEL)
+    return [(int(r["id"]), int(r["resumed_from"])) for r in rows]
 
 
 async def running_jobs(pool: Pool) -> set[str]:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 MAX_DUE = 1000
 HEARTBEAT_EVERY = 5.0
 POLL_EVERY = 1.0
+REAP_EVERY = 2.0
+MAX_ATTEMPTS = 5
 _TRANSIENT = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
 
 
@@ -69,13 +71,10 @@ class Leader:
             await db.raise_fence(self.pool, token=grant.token, holder=self.settings.worker_id)
         except Fenced as exc:
             raise StepDown(str(exc)) from exc
-        async with db.fenced(self.pool, self.token) as conn:
-            for row in await runs.abandon_stale(conn, token=self.token):
-                metrics.RUNS.labels(row["job"], "abandoned").inc()
-                log.warning("run %s of %s abandoned by its leader", row["id"], row["job"])
         scheduler = aiojobs.Scheduler(limit=None, close_timeout=self.settings.shutdown_grace / 2)
         listener = await self._listen()
         heart = asyncio.create_task(self._heartbeat(), name="run-heartbeat")
+        reaper = asyncio.create_task(self._reaper(), name="reaper")
         try:
             await self._loop(scheduler)
         except asyncio.CancelledError as exc:
@@ -83,6 +82,7 @@ class Leader:
             raise
         finally:
             heart.cancel()
+            reaper.cancel()
             await scheduler.close()
             await self._unlisten(listener)
             with contextlib.suppress(Fenced, *_TRANSIENT):
@@ -109,6 +109,8 @@ class Leader:
 
     async def _tick(self, scheduler: aiojobs.Scheduler) -> float:
         """Claim due slots and queued runs; returns seconds until the next slot is due."""
+        # Queued runs first: a resume of an interrupted pass goes before a new slot.
+        await self._drain_queue(scheduler)
         now = self._now()
         busy = set(self._active.values())
         next_due = now + timedelta(seconds=POLL_EVERY)
@@ -160,7 +162,6 @@ class Leader:
                     await self._spawn(scheduler, row)
             upcoming = spec.schedule.next_after(max(self._after[spec.name], now))
             next_due = min(next_due, upcoming)
-        await self._drain_queue(scheduler)
         return max(0.0, (next_due - self._now()).total_seconds())
 
     async def _decided_until(self, spec: JobSpec) -> datetime:
@@ -283,6 +284,31 @@ class Leader:
                 self._wake.set()
             except _TRANSIENT as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _reaper(self) -> None:
+        """Abandon runs whose leader died; queue resumes of the resumable ones."""
+        resumable = [name for name, kind in self.kinds.items() if kind.resumable]
+        while True:
+            try:
+                async with db.fenced(self.pool, self.token) as conn:
+                    for row in await runs.reap(
+                        conn, token=self.token, stale_after=self.settings.reap_after
+                    ):
+                        metrics.RUNS.labels(row["job"], "abandoned").inc()
+                        log.warning(
+                            "run %s of %s abandoned: %s", row["id"], row["job"], row["error"]
+                        )
+                    for new, old in await runs.queue_resumes(
+                        conn, kinds=resumable, max_attempts=MAX_ATTEMPTS
+                    ):
+                        log.info("run %s queued to resume abandoned run %s", new, old)
+            except Fenced:
+                self._fenced.set()
+                self._wake.set()
+                return
+            except _TRANSIENT as exc:
+                log.warning("reaper failed: %s", exc)
+            await asyncio.sleep(REAP_EVERY)
 
     async def _listen(self) -> db.Connection | None:
         """LISTEN for queued runs; the 1 s poll covers us if this fails."""

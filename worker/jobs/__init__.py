@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from ..config import JobSpec
 from ..context import JobKind
 from .http import HttpJob
+from .marketplaces import EbayCatalogJob, EmagOffersJob
 
 
 def kinds() -> dict[str, JobKind]:
     """A fresh registry of every job kind."""
-    return {"http": HttpJob()}
+    return {"http": HttpJob(), "emag.offers": EmagOffersJob(), "ebay.catalog": EbayCatalogJob()}
 
 
 def checkers(registry: Mapping[str, JobKind]) -> dict[str, Callable[[JobSpec], None]]:

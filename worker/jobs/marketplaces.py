@@ -1,0 +1,126 @@
+"""Job kinds `emag.offers` and `ebay.catalog`: the catalogue sync with their connectors.
+
+Credentials never sit in the jobs file: params name the environment variables that
+hold them (`username_env`, `client_secret_env`, …), read when a run starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import JobSpec
+from ..connectors.base import Connector
+from ..connectors.ebay import MAX_LIMIT, EbayCatalog, TokenCache
+from ..connectors.emag import MAX_PER_PAGE, PLATFORMS, EmagOffers
+from ..context import RunContext
+from ..errors import JobError
+from ..ratelimit import Rate
+from .catalog import CatalogJob
+
+
+def _secret(params: Mapping[str, Any], key: str, job: str) -> str:
+    name = params[key]
+    value = os.environ.get(name, "")
+    if not value:
+        raise JobError(f"environment variable {name} ({key} of job {job!r}) is not set")
+    return value
+
+
+def _need_str(params: Mapping[str, Any], key: str) -> None:
+    if not isinstance(params.get(key), str) or not params[key]:
+        raise ValueError(f"'{key}' is required (a string)")
+
+
+def _check_url(params: Mapping[str, Any], key: str) -> None:
+    if key in params and urlsplit(str(params[key])).scheme not in ("http", "https"):
+        raise ValueError(f"'{key}' must be an http(s) URL, got {params[key]!r}")
+
+
+def _check_rate(params: Mapping[str, Any]) -> None:
+    rate = params.get("rate_limit", 3)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
+        raise ValueError(f"'rate_limit' must be calls per second (0 = unlimited), got {rate!r}")
+
+
+def _limit_key(ctx: RunContext, prefix: str) -> str:
+    """The limiter key is the account: its limit is shared by every resource."""
+    key = f"{prefix}:{ctx.params['account']}"
+    rate = ctx.params.get("rate_limit", 3)
+    ctx.upstream.limiter.configure_once(key, Rate(calls=int(rate)))
+    return key
+
+
+class EmagOffersJob(CatalogJob):
+    """Params: account, platform | base_url, username_env, password_env, items_per_page,
+    max_pages, rate_limit, mark_gone, prefetch."""
+
+    def check_connector(self, spec: JobSpec) -> None:
+        p = spec.params
+        for key in ("account", "username_env", "password_env"):
+            _need_str(p, key)
+        if "base_url" not in p and p.get("platform") not in PLATFORMS:
+            raise ValueError(
+                f"'platform' must be one of {', '.join(PLATFORMS)} (or set 'base_url'),"
+                f" got {p.get('platform')!r}"
+            )
+        _check_url(p, "base_url")
+        per_page = p.get("items_per_page", MAX_PER_PAGE)
+        if not isinstance(per_page, int) or not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValueError(f"'items_per_page' must be 1..{MAX_PER_PAGE}, got {per_page!r}")
+        _check_rate(p)
+
+    def connector(self, ctx: RunContext) -> Connector:
+        p = ctx.params
+        return EmagOffers(
+            upstream=ctx.upstream,
+            base_url=p.get("base_url") or PLATFORMS[p["platform"]],
+            account=p["account"],
+            username=_secret(p, "username_env", ctx.job.name),
+            password=_secret(p, "password_env", ctx.job.name),
+            items_per_page=int(p.get("items_per_page", MAX_PER_PAGE)),
+            prefetch=int(p.get("prefetch", 2)),
+            limit_key=_limit_key(ctx, "emag"),
+        )
+
+
+class EbayCatalogJob(CatalogJob):
+    """Params: account, base_url, client_id_env, client_secret_env, marketplace_id,
+    sellers, queries, limit, max_pages, rate_limit, mark_gone."""
+
+    def __init__(self) -> None:
+        self.tokens = TokenCache()
+
+    def check_connector(self, spec: JobSpec) -> None:
+        p = spec.params
+        for key in ("account", "client_id_env", "client_secret_env"):
+            _need_str(p, key)
+        _check_url(p, "base_url")
+        for key in ("queries", "sellers"):
+            value = p.get(key, [] if key == "sellers" else None)
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"'{key}' must be a list of strings")
+        if not p["queries"]:
+            raise ValueError("'queries' must name at least one search term")
+        limit = p.get("limit", MAX_LIMIT)
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"'limit' must be 1..{MAX_LIMIT}, got {limit!r}")
+        _check_rate(p)
+
+    def connector(self, ctx: RunContext) -> Connector:
+        p = ctx.params
+        return EbayCatalog(
+            upstream=ctx.upstream,
+            tokens=self.tokens,
+            base_url=p.get("base_url", "https://api.ebay.com"),
+            account=p["account"],
+            client_id=_secret(p, "client_id_env", ctx.job.name),
+            client_secret=_secret(p, "client_secret_env", ctx.job.name),
+            marketplace_id=p.get("marketplace_id", "EBAY_US"),
+            sellers=p.get("sellers", []),
+            queries=p["queries"],
+            limit=int(p.get("limit", MAX_LIMIT)),
+            limit_key=_limit_key(ctx, "ebay"),
+        )

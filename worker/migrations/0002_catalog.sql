@@ -1,0 +1,35 @@
+-- The synced catalogue: one row per (source, account, external id). The raw item is
+-- kept; the fields people query are mapped out of it. `hash` is the content hash of
+-- the raw item: a pass that finds the same hash leaves the row untouched.
+CREATE TABLE products (
+    source       text NOT NULL,
+    account      text NOT NULL,
+    external_id  text NOT NULL,
+    name         text,
+    sku          text,
+    ean          text,
+    price        numeric(14, 4),
+    currency     text,
+    stock        integer,
+    status       text,
+    url          text,
+    raw          jsonb NOT NULL,
+    hash         bytea NOT NULL,
+    first_seen   timestamptz NOT NULL DEFAULT now(),
+    last_seen    timestamptz NOT NULL DEFAULT now(),
+    gone_at      timestamptz,
+    PRIMARY KEY (source, account, external_id)
+);
+CREATE INDEX products_name ON products (source, account, lower(name) text_pattern_ops);
+CREATE INDEX products_sku ON products (sku);
+CREATE INDEX products_ean ON products (ean);
+
+-- The ids a pass has seen, for marking the rest gone at the end of a complete pass.
+-- Unlogged: it is scratch space, rebuilt by the next pass if lost.
+CREATE UNLOGGED TABLE sync_seen (
+    run_id       bigint NOT NULL,
+    external_id  text NOT NULL
+);
+CREATE INDEX sync_seen_run ON sync_seen (run_id, external_id);
+
+CREATE INDEX runs_resumed_from ON runs (resumed_from) WHERE resumed_from IS NOT NULL;
