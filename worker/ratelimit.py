@@ -25,6 +25,15 @@ class Rate:
     period: float = 1.0
     margin: float = 0.03
 
+    @classmethod
+    def per_second(cls, rate: float) -> Rate:
+        """A rate from calls per second: 3 -> 3 per 1 s, 0.5 -> 1 per 2 s, 0 -> unlimited."""
+        if rate <= 0:
+            return cls(calls=0)
+        if rate == int(rate):
+            return cls(calls=int(rate), period=1.0)
+        return cls(calls=1, period=1.0 / rate)
+
     def __post_init__(self) -> None:
         if self.calls < 0 or self.period <= 0 or self.margin < 0:
             raise ValueError(f"bad rate: {self.calls} calls per {self.period}s")

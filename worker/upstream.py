@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from . import metrics
 from .errors import UpstreamError
@@ -33,6 +35,7 @@ class RetryPolicy:
     attempts: int = 4
     base: float = 0.5
     cap: float = 30.0
+    max_retry_after: float = 120.0  # a server asking for longer gets this much
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
@@ -98,12 +101,11 @@ class Upstream:
         for attempt in range(policy.attempts):
             started = time.perf_counter()
             try:
-                async with (
-                    self.limiter.slot(key),
-                    self.session.request(method, url, **kwargs) as resp,
-                ):
-                    body = await resp.read()
-                    response = Response(resp.status, dict(resp.headers), body, url)
+                async with self.limiter.slot(key):
+                    started = time.perf_counter()  # latency excludes the wait for a permit
+                    async with self.session.request(method, url, **kwargs) as resp:
+                        body = await resp.read()
+                        response = Response(resp.status, CIMultiDict(resp.headers), body, url)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 code = "timeout" if isinstance(exc, TimeoutError) else "error"
                 metrics.UPSTREAM_REQUESTS.labels(host, code).inc()
@@ -120,7 +122,8 @@ class Upstream:
                 if not retryable or attempt == policy.attempts - 1:
                     return response
                 last_error = f"HTTP {response.status}"
-                wait = max(policy.backoff(attempt), retry_after(response.headers) or 0.0)
+                asked = retry_after(response.headers) or 0.0
+                wait = max(policy.backoff(attempt), min(asked, policy.max_retry_after))
             if attempt < policy.attempts - 1:
                 log.info(
                     "upstream %s %s failed (%s), retry %d/%d in %.2fs",
@@ -143,9 +146,11 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -54,7 +54,7 @@ class HttpJob:
         host = urlsplit(url).netloc
         rate = p.get("rate_limit")
         if rate is not None:
-            ctx.upstream.limiter.configure_once(host, Rate(calls=int(rate)))
+            ctx.upstream.limiter.configure_once(host, Rate.per_second(float(rate)))
         kwargs: dict[str, Any] = {"headers": headers}
         if "json" in p:
             kwargs["json"] = p["json"]

@@ -49,7 +49,7 @@ def _limit_key(ctx: RunContext, prefix: str) -> str:
     """The limiter key is the account: its limit is shared by every resource."""
     key = f"{prefix}:{ctx.params['account']}"
     rate = ctx.params.get("rate_limit", 3)
-    ctx.upstream.limiter.configure_once(key, Rate(calls=int(rate)))
+    ctx.upstream.limiter.configure_once(key, Rate.per_second(float(rate)))
     return key
 
 
