@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One replica plus the sandbox marketplace it syncs from (stopped with the replica).
 run: $(STAMP)
 	$(BIN)/worker migrate --create-db
+	@set -a; . examples/sandbox.env; set +a; \
+	$(BIN)/worker sandbox --port 8900 --emag-items 5000 & sandbox=$$!; \
+	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	WORKER_JOBS_FILE=$${WORKER_JOBS_FILE:-examples/jobs.toml} $(BIN)/worker run
 
 test: $(STAMP)

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from . import db, jobs, logs, runs
+from . import catalog, db, jobs, logs, runs
 from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError
@@ -110,6 +110,33 @@ async def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_products(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        total, items = await catalog.search(
+            pool,
+            source=args.source,
+            account=args.account,
+            text=args.search,
+            include_gone=not args.live,
+            limit=args.limit,
+            offset=args.offset,
+        )
+    if args.json:
+        print(orjson.dumps({"total": total, "items": [db.jsonable(i) for i in items]}).decode())
+        return 0
+    for i in items:
+        price = f"{i['price']} {i['currency'] or ''}".strip() if i["price"] is not None else "-"
+        gone = f"  gone {i['gone_at']:%Y-%m-%d %H:%M}" if i["gone_at"] else ""
+        print(
+            f"{i['source']:<6} {i['account']:<10} {i['external_id']:<14} {price:>14}"
+            f" stock {i['stock'] if i['stock'] is not None else '-':>5}"
+            f"  {(i['name'] or '')[:48]}{gone}"
+        )
+    shown = f"{args.offset + 1}-{args.offset + len(items)}" if items else "none"
+    print(f"{total} products match ({shown} shown)")
+    return 0
+
+
 async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     spec = settings.job(args.job)
     if spec is None:
@@ -167,6 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     rp.add_argument("--id", type=int, help="show one run in full")
     rp.add_argument("--json", action="store_true", help="print JSON")
+    pp = sub.add_parser("products", help="query the synced catalogue")
+    pp.add_argument("--source", help="emag, ebay, …")
+    pp.add_argument("--account", help="the account name given in the job's params")
+    pp.add_argument("--search", help="text in the name or sku, or an exact ean or id")
+    pp.add_argument("--live", action="store_true", help="leave out items marked gone")
+    pp.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    pp.add_argument("--offset", type=int, default=0, help="skip this many")
+    pp.add_argument("--json", action="store_true", help="print JSON")
     tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
     tp.add_argument("job", metavar="JOB")
     tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
@@ -183,6 +218,7 @@ COMMANDS: dict[str, Command] = {
     "jobs": cmd_jobs,
     "runs": cmd_runs,
     "trigger": cmd_trigger,
+    "products": cmd_products,
 }
 
 

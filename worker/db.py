@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
 from importlib import resources
 from typing import Any, TypeAlias
 
@@ -179,5 +181,13 @@ async def end_term(pool: Pool, *, token: int, reason: str) -> None:
         )
 
 
-def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with times as ISO 8601 and decimals as strings, ready for JSON."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = str(value)
+        out[key] = value
+    return out

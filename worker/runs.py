@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from .db import NOTIFY_CHANNEL, Connection, Pool
+from .db import NOTIFY_CHANNEL, Connection, Pool, jsonable
 
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed")
@@ -253,9 +253,7 @@ async def last_runs(pool: Pool) -> dict[str, dict[str, Any]]:
 
 def public(run: Mapping[str, Any]) -> dict[str, Any]:
     """A run as the API and CLI show it: times as ISO 8601, duration in seconds."""
-    out: dict[str, Any] = {}
-    for key, value in run.items():
-        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    out = jsonable(run)
     started, finished = run.get("started_at"), run.get("finished_at")
     out["duration"] = (
         (finished - started).total_seconds()

@@ -93,6 +93,8 @@ class Leader:
         while True:
             if self._fenced.is_set():
                 raise StepDown("a newer leader raised the fence")
+            # Cleared before the tick, so a wake-up that arrives during it is not lost.
+            self._wake.clear()
             try:
                 pause = await self._tick(scheduler)
                 failures = 0
@@ -102,7 +104,6 @@ class Leader:
                 failures += 1
                 pause = min(POLL_EVERY * failures, 10.0)
                 log.warning("scheduler tick failed (%s), retrying in %.0fs", exc, pause)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._wake.wait()

@@ -15,9 +15,9 @@ from aiohttp import web
 from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
-from .. import runs
+from .. import catalog, runs
 from ..config import Settings
-from ..db import Pool
+from ..db import Pool, jsonable
 from ..election import Elector
 from ..errors import WorkerError
 from ..lease import Lease
@@ -180,6 +180,35 @@ async def get_run(request: web.Request) -> web.Response:
     return json_response(runs.public(run))
 
 
+async def list_products(request: web.Request) -> web.Response:
+    q = request.query
+    limit = _int_query(q.get("limit"), "limit", 50, 1, 1000)
+    offset = _int_query(q.get("offset"), "offset", 0, 0, None)
+    total, items = await catalog.search(
+        request.app[STATE].pool,
+        source=q.get("source") or None,
+        account=q.get("account") or None,
+        text=q.get("search") or None,
+        include_gone=q.get("gone", "true").lower() not in ("false", "0", "no"),
+        limit=limit,
+        offset=offset,
+    )
+    return json_response({"total": total, "items": [jsonable(i) for i in items]})
+
+
+def _int_query(raw: str | None, name: str, default: int, lo: int, hi: int | None) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"bad_{name}", f"{name} must be a whole number") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise ApiError(400, f"bad_{name}", f"{name} must be {bound}")
+    return value
+
+
 def _require_key(request: web.Request) -> None:
     expected = request.app[STATE].settings.api_key
     if not expected:
@@ -223,4 +252,5 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_post("/jobs/{name}/trigger", trigger)
         app.router.add_get("/runs", list_runs)
         app.router.add_get("/runs/{id}", get_run)
+        app.router.add_get("/products", list_products)
     return app
