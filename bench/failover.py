@@ -72,7 +72,7 @@ async def trial(cluster: Cluster, redis: Redis, *, crash: bool) -> tuple[float, 
         limit = await released - began
     if crash:
         released.cancel()
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     replica.proc.wait(timeout=30)
     cluster.replicas.remove(replica)
     await cluster.wait_ready(cluster.start(f"{holder.split('.')[0]}.{uuid.uuid4().hex[:4]}"))

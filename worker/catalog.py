@@ -17,6 +17,7 @@ import orjson
 
 from .db import Connection, Pool
 
+MAX_PRICE = Decimal(10) ** 10  # numeric(14, 4)
 _STAGE = "products_stage"
 _STAGE_COLUMNS = (
     "external_id",
@@ -66,12 +67,30 @@ def to_decimal(value: Any) -> Decimal | None:
     if value is None or value == "" or isinstance(value, bool):
         return None
     try:
-        number = Decimal(str(value).strip().replace(",", "."))
+        number = Decimal(value if isinstance(value, str | int) else str(value))
     except InvalidOperation:
-        raise ValueError(f"price {value!r} is not a number") from None
-    if not number.is_finite():
-        raise ValueError(f"price {value!r} is not a finite number")
+        try:
+            number = Decimal(str(value).strip().replace(",", "."))
+        except InvalidOperation:
+            raise ValueError(f"price {value!r} is not a number") from None
+    if not number.is_finite() or abs(number) >= MAX_PRICE:
+        raise ValueError(f"price {value!r} is out of range")
     return number
+
+
+def to_count(value: Any) -> int | None:
+    """A stock count that fits the column; ValueError otherwise."""
+    if value is None or value == "":
+        return None
+    count = int(value)
+    if not -(2**31) < count < 2**31:
+        raise ValueError(f"stock {value!r} is out of range")
+    return count
+
+
+def text(value: Any) -> str | None:
+    """Optional text field: None for missing or empty, else its string form."""
+    return None if value is None or value == "" else str(value)
 
 
 async def _ensure_stage(conn: Connection) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from ..catalog import Item, to_decimal
+from ..catalog import Item, text, to_decimal
 from ..errors import UpstreamError
 from ..upstream import Response, Upstream
 from .base import Page
@@ -233,12 +233,12 @@ def map_summary(raw: Any) -> Item:
     return Item(
         external_id=str(ident),
         raw=raw,
-        name=raw.get("title"),
+        name=text(raw.get("title")),
         sku=None,  # item summaries carry no seller SKU; the raw item is kept
-        ean=raw.get("gtin") or None,
+        ean=text(raw.get("gtin")),
         price=to_decimal(price.get("value")),
-        currency=price.get("currency"),
+        currency=text(price.get("currency")),
         stock=None,
         status=None,
-        url=raw.get("itemWebUrl"),
+        url=text(raw.get("itemWebUrl")),
     )

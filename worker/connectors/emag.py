@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from ..catalog import Item, to_decimal
+from ..catalog import Item, text, to_count, to_decimal
 from ..errors import UpstreamError
 from ..upstream import Response, Upstream
 from .base import Page
@@ -159,46 +159,39 @@ def map_offers(results: list[Any]) -> tuple[list[Item], list[tuple[str, str]]]:
 
 
 def map_offer(raw: Any) -> Item:
+    """One offer as an Item. Kept flat: it runs for every item of every page."""
     if not isinstance(raw, dict):
         raise TypeError(f"offer is a {type(raw).__name__}, not an object")
-    ident = raw.get("id")
+    get = raw.get
+    ident = get("id")
     if ident is None or ident == "":
         raise ValueError("offer has no id")
-    status = raw.get("status")
+    status = get("status")
+    ean = get("ean")
+    if isinstance(ean, list):
+        ean = ean[0] if ean else None
     return Item(
         external_id=str(ident),
         raw=raw,
-        name=_text(raw.get("name")),
-        sku=_text(raw.get("part_number")),
-        ean=_first(raw.get("ean")),
-        price=to_decimal(raw.get("sale_price")),
-        currency=_text(raw.get("currency")),
+        name=text(get("name")),
+        sku=text(get("part_number")),
+        ean=text(ean),
+        price=to_decimal(get("sale_price")),
+        currency=text(get("currency")),
         stock=_stock(raw),
         status=_STATUS.get(str(status), str(status)) if status is not None else None,
-        url=_text(raw.get("url")),
+        url=text(get("url")),
     )
 
 
 def _stock(raw: Mapping[str, Any]) -> int | None:
     general = raw.get("general_stock")
     if general is not None and general != "":
-        return int(general)
+        return to_count(general)
     stock = raw.get("stock")
     if isinstance(stock, list):
-        return sum(int(s.get("value", 0)) for s in stock if isinstance(s, dict))
-    if stock is None or stock == "":
-        return None
-    return int(stock)
-
-
-def _first(value: Any) -> str | None:
-    if isinstance(value, list):
-        return str(value[0]) if value else None
-    return _text(value)
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None or value == "" else str(value)
+        return to_count(sum(int(s.get("value", 0)) for s in stock if isinstance(s, dict)))
+    return to_count(stock)
 
 
 def _int(value: Any, default: int) -> int:

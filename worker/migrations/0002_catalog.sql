@@ -20,8 +20,8 @@ CREATE TABLE products (
     gone_at      timestamptz,
     PRIMARY KEY (source, account, external_id)
 );
-CREATE INDEX products_name ON products (source, account, lower(name) text_pattern_ops);
-CREATE INDEX products_sku ON products (sku);
+-- Exact look-ups by EAN; name/sku search is a substring scan (ILIKE '%…%'), which a
+-- btree could not serve, so no index is kept for it: every index slows the ingest.
 CREATE INDEX products_ean ON products (ean);
 
 -- The ids a pass has seen, for marking the rest gone at the end of a complete pass.
