@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -234,7 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(fmt=settings.log_format, level=settings.log_level, worker_id=settings.worker_id)
+    # One-shot commands print their own results; their logs only matter when something is wrong.
+    level = (
+        settings.log_level
+        if args.command == "run" or "WORKER_LOG_LEVEL" in os.environ
+        else "WARNING"
+    )
+    logs.setup(fmt=settings.log_format, level=level, worker_id=settings.worker_id)
     try:
         return asyncio.run(COMMANDS[args.command](args, settings))
     except KeyboardInterrupt:
