@@ -101,6 +101,7 @@ class Settings:
     max_concurrent_runs: int = 8
     db_timeout: float = 10.0
     reap_after: float = 15.0
+    keep_runs: float = 14 * 86400.0
     jobs: tuple[JobSpec, ...] = ()
 
     @property
@@ -154,6 +155,7 @@ class Settings:
             max_concurrent_runs=e.integer("WORKER_MAX_RUNS", cls.max_concurrent_runs, lo=1),
             db_timeout=e.seconds("WORKER_DB_TIMEOUT", cls.db_timeout),
             reap_after=e.seconds("WORKER_REAP_AFTER", cls.reap_after),
+            keep_runs=e.seconds("WORKER_KEEP_RUNS", cls.keep_runs),
             jobs=load_jobs(path, kinds=kinds) if path else (),
         )
         return settings

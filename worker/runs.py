@@ -218,6 +218,28 @@ async def queue_resumes(
     return [(int(r["id"]), int(r["resumed_from"])) for r in rows]
 
 
+async def prune(conn: Connection, *, keep: float) -> int:
+    """Delete finished runs older than `keep` seconds, and their scratch rows.
+
+    The newest slot row of each job stays: it is where the scheduler's slot ledger
+    resumes, so pruning never makes old slots look due again.
+    """
+    result: str = await conn.execute(
+        "DELETE FROM runs r WHERE r.status = ANY($1::text[])"
+        " AND coalesce(r.finished_at, r.created_at) < now() - make_interval(secs => $2)"
+        " AND (r.slot IS NULL OR EXISTS ("
+        "   SELECT 1 FROM runs n WHERE n.job = r.job AND n.slot > r.slot))",
+        list(FINAL),
+        keep,
+    )
+    await conn.execute(
+        "DELETE FROM sync_seen s WHERE NOT EXISTS ("
+        "  SELECT 1 FROM runs r WHERE r.id = s.run_id"
+        "  AND coalesce(r.finished_at, now()) > now() - interval '1 day')"
+    )
+    return int(result.split()[-1])
+
+
 async def running_jobs(pool: Pool) -> set[str]:
     rows = await pool.fetch("SELECT DISTINCT job FROM runs WHERE status = 'running'")
     return {r["job"] for r in rows}

@@ -35,6 +35,7 @@ MAX_DUE = 1000
 HEARTBEAT_EVERY = 5.0
 POLL_EVERY = 1.0
 REAP_EVERY = 2.0
+PRUNE_EVERY = 600.0
 MAX_ATTEMPTS = 5
 _TRANSIENT = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
 
@@ -289,6 +290,7 @@ class Leader:
     async def _reaper(self) -> None:
         """Abandon runs whose leader died; queue resumes of the resumable ones."""
         resumable = [name for name, kind in self.kinds.items() if kind.resumable]
+        next_prune = 0.0
         while True:
             try:
                 async with db.fenced(self.pool, self.token) as conn:
@@ -303,6 +305,12 @@ class Leader:
                         conn, kinds=resumable, max_attempts=MAX_ATTEMPTS
                     ):
                         log.info("run %s queued to resume abandoned run %s", new, old)
+                    loop_time = asyncio.get_running_loop().time()
+                    if loop_time >= next_prune:
+                        next_prune = loop_time + PRUNE_EVERY
+                        pruned = await runs.prune(conn, keep=self.settings.keep_runs)
+                        if pruned:
+                            log.info("pruned %d finished runs older than the retention", pruned)
             except Fenced:
                 self._fenced.set()
                 self._wake.set()

@@ -40,7 +40,7 @@ CREATE TABLE runs (
     stats         jsonb NOT NULL DEFAULT '{}',
     result        jsonb,
     error         text,
-    resumed_from  bigint REFERENCES runs (id),
+    resumed_from  bigint REFERENCES runs (id) ON DELETE SET NULL,
     requested_by  text,
     worker_id     text,
     heartbeat_at  timestamptz,
