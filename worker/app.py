@@ -117,11 +117,12 @@ async def _supervise(
     done, _ = await asyncio.wait({stopping, *actors}, return_when="FIRST_COMPLETED")
     code = 0
     for task in done - {stopping}:
-        if task.cancelled() or task.exception() is None:
-            log.critical("actor %s ended unexpectedly", task.get_name())
-        else:
+        if not task.cancelled() and task.exception() is not None:
             log.critical("actor %s died", task.get_name(), exc_info=task.exception())
-        code = 1
+            code = 1
+        elif not stop.is_set():
+            log.critical("actor %s ended unexpectedly", task.get_name())
+            code = 1
     log.info("shutting down (grace %.0fs)", grace)
     state.shutting_down.set()
     stop.set()
