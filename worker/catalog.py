@@ -128,6 +128,7 @@ async def upsert(
             )
         )
     await _ensure_stage(conn)
+    await conn.execute(f"TRUNCATE {_STAGE}")  # a second batch in the same transaction
     await conn.copy_records_to_table(_STAGE, records=records, columns=_STAGE_COLUMNS)
     rows = await conn.fetch(
         "INSERT INTO products AS p (source, account, external_id, name, sku, ean, price,"

@@ -140,6 +140,26 @@ class Upstream:
         )
 
 
+def error_detail(response: Response) -> str:
+    """What an error answer says: eBay's errors, eMAG's messages, or a body snippet."""
+    try:
+        body = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        return repr(response.body[:160].decode("utf-8", "replace")) if response.body else "(empty)"
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            return "; ".join(
+                f"{e.get('errorId')}: {e.get('message')}" if isinstance(e, dict) else str(e)
+                for e in errors
+            )
+        for key in ("messages", "message", "error_description", "error"):
+            if body.get(key):
+                value = body[key]
+                return "; ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return str(body)[:200]
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from Retry-After (seconds or an HTTP date), if present."""
     value = headers.get("Retry-After") or headers.get("retry-after")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ class Connector(Protocol):
     source: str
     account: str
 
-    def pages(self, cursor: Any) -> AsyncIterator[Page]:
+    def pages(self, cursor: Any) -> AsyncGenerator[Page, None]:
         """Pages from `cursor` (None: from the start) to the end of the catalogue."""
         ...
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import aiohttp
 
 from ..catalog import Item, text, to_decimal
 from ..errors import UpstreamError
-from ..upstream import Response, Upstream
+from ..upstream import Response, Upstream, error_detail
 from .base import Page
 
 SCOPE = "https://api.ebay.com/oauth/api_scope"
@@ -123,7 +123,7 @@ class EbayCatalog:
     def complete(self) -> bool:
         return self._complete and not self._truncated
 
-    async def pages(self, cursor: Any) -> AsyncIterator[Page]:
+    async def pages(self, cursor: Any) -> AsyncGenerator[Page, None]:
         q_index = int(cursor.get("query", 0)) if isinstance(cursor, Mapping) else 0
         offset = int(cursor.get("offset", 0)) if isinstance(cursor, Mapping) else 0
         while q_index < len(self.queries):
@@ -204,21 +204,15 @@ class EbayCatalog:
 
 
 def _body(response: Response, term: str) -> dict[str, Any]:
-    body = response.json()
-    if not response.ok or not isinstance(body, dict):
-        errors = body.get("errors") if isinstance(body, dict) else None
-        detail = (
-            "; ".join(
-                f"{e.get('errorId')}: {e.get('message')}" for e in errors if isinstance(e, dict)
-            )
-            if isinstance(errors, list)
-            else str(body)[:200]
-        )
+    if not response.ok:
         raise UpstreamError(
-            f"eBay search {term!r} failed (HTTP {response.status}): {detail}",
+            f"eBay search {term!r} failed (HTTP {response.status}): {error_detail(response)}",
             status=response.status,
             url=response.url,
         )
+    body = response.json()
+    if not isinstance(body, dict):
+        raise UpstreamError(f"eBay search {term!r}: the answer is not a JSON object")
     return body
 
 

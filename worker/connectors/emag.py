@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
 
 from ..catalog import Item, text, to_count, to_decimal
 from ..errors import UpstreamError
-from ..upstream import Response, Upstream
+from ..upstream import Response, Upstream, error_detail
 from .base import Page
 
 PLATFORMS = {
@@ -62,7 +62,7 @@ class EmagOffers:
     def complete(self) -> bool:
         return self._complete
 
-    async def pages(self, cursor: Any) -> AsyncIterator[Page]:
+    async def pages(self, cursor: Any) -> AsyncGenerator[Page, None]:
         start = int(cursor["page"]) if isinstance(cursor, Mapping) and "page" in cursor else 1
         counted = await self._call("product_offer/count", {"itemsPerPage": self.per_page})
         total_items = _int(counted.get("noOfItems"), 0)
@@ -126,14 +126,13 @@ def _envelope(response: Response) -> dict[str, Any]:
             status=response.status,
             url=response.url,
         )
-    body = response.json()
     if not response.ok:
-        message = body.get("message") if isinstance(body, dict) else None
         raise UpstreamError(
-            f"eMAG answered HTTP {response.status} at {response.url}: {message or body}",
+            f"eMAG answered HTTP {response.status} at {response.url}: {error_detail(response)}",
             status=response.status,
             url=response.url,
         )
+    body = response.json()
     if not isinstance(body, dict) or "isError" not in body:
         raise UpstreamError(
             f"eMAG answered without an envelope at {response.url}", url=response.url

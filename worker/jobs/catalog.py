@@ -67,6 +67,8 @@ class _Sync:
         for key in ("pages", "items", "created", "updated", "unchanged", "failed"):
             s.setdefault(key, 0)
         s.setdefault("failed_sample", [])
+        # Pages committed by the runs this one resumes count towards max_pages.
+        self.pages_before: int = s["pages"]
         s.setdefault("warnings", [])
         self.capped = False
 
@@ -99,9 +101,9 @@ class _Sync:
                 )
                 stats["gone"] = gone
                 await ctx.progress(message=self._message(None, done=True), conn=conn)
-        elif self.mark_gone:
-            stats["warnings"].append("pass incomplete: items not marked gone")
         else:
+            if self.mark_gone:
+                stats["warnings"].append("pass incomplete: items not marked gone")
             await ctx.progress(message=self._message(None, done=True))
         return {k: stats[k] for k in ("pages", "items", "created", "updated", "unchanged")} | {
             "failed": stats["failed"],
@@ -109,18 +111,20 @@ class _Sync:
         }
 
     async def _fetch(self, queue: asyncio.Queue[Any]) -> None:
-        fetched = 0
+        fetched = self.pages_before
         try:
-            async for page in self.connector.pages(self.ctx.cursor):
-                await queue.put(page)
-                fetched += 1
-                if (
-                    self.max_pages is not None
-                    and self.ctx.stats["pages"] + fetched >= self.max_pages
-                    and page.cursor is not None
-                ):
-                    self.capped = True
-                    break
+            # aclosing: stopping at max_pages cancels the connector's prefetch at once.
+            async with contextlib.aclosing(self.connector.pages(self.ctx.cursor)) as pages:
+                async for page in pages:
+                    await queue.put(page)
+                    fetched += 1
+                    if (
+                        self.max_pages is not None
+                        and fetched >= self.max_pages
+                        and page.cursor is not None
+                    ):
+                        self.capped = True
+                        break
         finally:
             await queue.put(_DONE)
 
