@@ -23,10 +23,12 @@ _COLUMNS = (
 )
 
 
-async def job_since(pool: Pool, job: str) -> datetime:
+async def job_since(conn: Connection, job: str) -> datetime:
     """When the scheduler first saw `job` (recorded now if never)."""
-    await pool.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job)
-    since: datetime = await pool.fetchval("SELECT since FROM job_state WHERE job = $1", job)
+    await conn.execute(
+        "INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job
+    )
+    since: datetime = await conn.fetchval("SELECT since FROM job_state WHERE job = $1", job)
     return since
 
 

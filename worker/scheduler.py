@@ -168,7 +168,8 @@ class Leader:
 
     async def _decided_until(self, spec: JobSpec) -> datetime:
         if spec.name not in self._after:
-            since = await runs.job_since(self.pool, spec.name)
+            async with db.fenced(self.pool, self.token) as conn:
+                since = await runs.job_since(conn, spec.name)
             last = await runs.last_slot(self.pool, spec.name)
             self._after[spec.name] = max(since, last) if last else since
         return self._after[spec.name]
