@@ -410,3 +410,32 @@ async def test_unknown_path_has_the_error_body(client: Client) -> None:
 
 async def test_error_answers_raise_no_warning(client: Client) -> None:
     await assert_error(await client.post("/jobs/poke/trigger"), 401, "unauthorized")
+
+
+async def test_status_page_shows_leader_jobs_and_runs_escaped(
+    client: Client, pool: db.Pool, redis: Redis, key_prefix: str
+) -> None:
+    await Lease(redis, prefix=key_prefix).acquire(holder="test-replica", ttl=10)
+    await pool.execute(
+        "INSERT INTO runs (job, kind, trigger, status, error, progress, started_at, finished_at)"
+        " VALUES ('poke', 'http', 'manual', 'failed', '<script>alert(1)</script>',"
+        ' \'{"done": 3, "total": 4, "message": "page 3/4"}\', now(), now())'
+    )
+    response = await client.get("/")
+    assert response.status == 200
+    assert response.content_type == "text/html"
+    page = await response.text()
+    assert "<b>test-replica</b> leads" in page
+    assert "this replica" in page
+    assert "poke" in page
+    assert "locked" in page
+    assert "page 3/4" in page
+    assert 'style="width:75%"' in page
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+async def test_status_page_without_leader_says_so(client: Client) -> None:
+    page = await (await client.get("/")).text()
+    assert "nobody leads right now" in page
+    assert "no runs yet" in page

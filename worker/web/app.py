@@ -21,6 +21,7 @@ from ..db import Pool, jsonable
 from ..election import Elector
 from ..errors import WorkerError
 from ..lease import Lease
+from . import status
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,33 @@ async def trigger(request: web.Request) -> web.Response:
     return json_response({"run_id": run_id, "status": "queued"}, status=202)
 
 
+async def status_page(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = status.now_utc()
+    current = await state.lease.current()
+    last = await runs.last_runs(state.pool)
+    jobs = []
+    for spec in state.settings.jobs:
+        run = last.get(spec.name)
+        jobs.append(
+            {
+                **spec.describe(),
+                "next_slot": spec.schedule.next_after(now) if spec.schedule else None,
+                "last_run": run,
+            }
+        )
+    return status.as_page(
+        status.render(
+            self_id=state.settings.worker_id,
+            role=state.settings.role,
+            leader=current.as_dict() if current else None,
+            jobs=jobs,
+            recent=await runs.search(state.pool, limit=25),
+            now=now,
+        )
+    )
+
+
 def build_app(state: WebState) -> web.Application:
     """The application: probes and metrics always, the API unless role=scheduler."""
     app = web.Application(middlewares=[_errors])
@@ -253,4 +281,5 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_get("/runs", list_runs)
         app.router.add_get("/runs/{id}", get_run)
         app.router.add_get("/products", list_products)
+        app.router.add_get("/", status_page)
     return app
