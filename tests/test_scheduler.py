@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from worker import db, runs
+from worker.election import StepDown
 from worker.errors import Fenced
 from worker.lease import Grant, Lease
 from worker.scheduler import Leader
@@ -203,3 +205,43 @@ async def test_run_timeout_and_failure_are_recorded(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_leader_reaps_its_own_run_whose_end_was_not_recorded(
+    tmp_path: Path, pool: db.Pool, redis: Redis, key_prefix: str, upstream: Upstream
+) -> None:
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY, reap_after=1.0)
+    grant = await grant_for(redis, key_prefix, "me")
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": RecordingJob()})
+    task = asyncio.create_task(leader.run(grant))
+    await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
+    # A run of this very term that no longer executes (say Postgres blinked as it ended).
+    orphan = await pool.fetchval(
+        "INSERT INTO runs (job, kind, trigger, status, token, started_at, heartbeat_at)"
+        " VALUES ('on-demand', 'rec', 'manual', 'running', $1, now(), now() - interval '1 hour')"
+        " RETURNING id",
+        grant.token,
+    )
+
+    async def reaped() -> bool:
+        return await pool.fetchval("SELECT status FROM runs WHERE id = $1", orphan) == "abandoned"
+
+    await eventually(reaped, timeout=5.0)
+    error = await pool.fetchval("SELECT error FROM runs WHERE id = $1", orphan)
+    assert "could not be recorded" in error
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_winning_the_lease_without_a_database_steps_down(
+    tmp_path: Path, database_url: str, redis: Redis, key_prefix: str, upstream: Upstream
+) -> None:
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY)
+    async with db.open_pool(database_url, timeout=2, min_size=0) as pool:
+        admin = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+        await admin.execute(f'DROP DATABASE "{database_url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await admin.close()
+        leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={})
+        with pytest.raises(StepDown, match="cannot raise the fence"):
+            await leader.run(await grant_for(redis, key_prefix, "me"))

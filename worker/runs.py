@@ -25,9 +25,7 @@ _COLUMNS = (
 
 async def job_since(conn: Connection, job: str) -> datetime:
     """When the scheduler first saw `job` (recorded now if never)."""
-    await conn.execute(
-        "INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job
-    )
+    await conn.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job)
     since: datetime = await conn.fetchval("SELECT since FROM job_state WHERE job = $1", job)
     return since
 
@@ -176,20 +174,27 @@ async def finish(
     )
 
 
-async def reap(conn: Connection, *, token: int, stale_after: float) -> list[dict[str, Any]]:
-    """Runs still `running` under an older leader whose heartbeat stopped: abandoned.
+async def reap(
+    conn: Connection, *, token: int, stale_after: float, live: list[int]
+) -> list[dict[str, Any]]:
+    """Runs left `running` with no one to finish them, and a stale heartbeat: abandoned.
 
-    The fence already stops their writes; waiting for the heartbeat to go stale also
-    gives a frozen (not dead) old leader time to notice and stop calling upstream.
+    That is a run of an older leader, or one of ours that is no longer executing
+    (its final status could not be written). The fence already stops a stale leader's
+    writes; waiting for the heartbeat to go stale also gives a frozen (not dead) old
+    leader time to notice and stop calling upstream.
     """
     rows = await conn.fetch(
         "UPDATE runs SET status = 'abandoned', finished_at = now(),"
-        " error = coalesce(error, 'its leader (token ' || token || ') went away')"
-        " WHERE status = 'running' AND token < $1"
+        " error = coalesce(error, CASE WHEN token < $1"
+        "   THEN 'its leader (token ' || token || ') went away'"
+        "   ELSE 'it ended but its final status could not be recorded' END)"
+        " WHERE status = 'running' AND (token < $1 OR NOT (id = ANY($3::bigint[])))"
         " AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => $2)"
         f" RETURNING {_COLUMNS}",
         token,
         stale_after,
+        live,
     )
     return [dict(r) for r in rows]
 

@@ -72,6 +72,9 @@ class Leader:
             await db.raise_fence(self.pool, token=grant.token, holder=self.settings.worker_id)
         except Fenced as exc:
             raise StepDown(str(exc)) from exc
+        except _TRANSIENT as exc:
+            # No database, no leading: hand the lease back rather than exit.
+            raise StepDown(f"cannot raise the fence: {type(exc).__name__}: {exc}") from exc
         scheduler = aiojobs.Scheduler(limit=None, close_timeout=self.settings.shutdown_grace / 2)
         listener = await self._listen()
         heart = asyncio.create_task(self._heartbeat(), name="run-heartbeat")
@@ -296,7 +299,10 @@ class Leader:
             try:
                 async with db.fenced(self.pool, self.token) as conn:
                     for row in await runs.reap(
-                        conn, token=self.token, stale_after=self.settings.reap_after
+                        conn,
+                        token=self.token,
+                        stale_after=self.settings.reap_after,
+                        live=list(self._active),
                     ):
                         metrics.RUNS.labels(row["job"], "abandoned").inc()
                         log.warning(

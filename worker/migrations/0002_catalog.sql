@@ -25,8 +25,9 @@ CREATE TABLE products (
 CREATE INDEX products_ean ON products (ean);
 
 -- The ids a pass has seen, for marking the rest gone at the end of a complete pass.
--- Unlogged: it is scratch space, rebuilt by the next pass if lost.
-CREATE UNLOGGED TABLE sync_seen (
+-- Logged on purpose: after a database crash a resumed pass must still know what the
+-- runs before the crash saw, or it would mark those items gone.
+CREATE TABLE sync_seen (
     run_id       bigint NOT NULL,
     external_id  text NOT NULL
 );
