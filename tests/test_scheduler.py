@@ -12,7 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from worker import db, runs
-from worker.election import StepDown
+from worker.config import LeaseSettings
+from worker.election import Elector, StepDown
 from worker.errors import Fenced
 from worker.lease import Grant, Lease
 from worker.scheduler import Leader
@@ -245,3 +246,29 @@ async def test_winning_the_lease_without_a_database_steps_down(
         leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={})
         with pytest.raises(StepDown, match="cannot raise the fence"):
             await leader.run(await grant_for(redis, key_prefix, "me"))
+
+
+async def test_token_counter_lost_by_redis_catches_up_with_the_fence(
+    tmp_path: Path, pool: db.Pool, redis: Redis, key_prefix: str, upstream: Upstream
+) -> None:
+    # Postgres remembers term 50; Redis restarted without persistence and counts from 0.
+    await db.raise_fence(pool, token=50, holder="before-the-restart")
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY)
+
+    async def work(grant: Grant) -> None:
+        await Leader(settings=settings, pool=pool, upstream=upstream, kinds={}).run(grant)
+
+    elector = Elector(
+        redis=redis,
+        lease=Lease(redis, prefix=key_prefix),
+        settings=LeaseSettings(ttl=2.0, renew_deadline=1.5, retry=0.2),
+        worker_id="me",
+        work=work,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(elector.run(stop))
+    # The first grant (token 1) is fenced; the counter is raised, the next grant is 51.
+    await eventually(lambda: elector.state.leader and elector.state.token == 51, timeout=5.0)
+    assert await pool.fetchval("SELECT token FROM fence") == 51
+    stop.set()
+    await task

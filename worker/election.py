@@ -29,7 +29,14 @@ LeaderWork = Callable[[Grant], Coroutine[Any, Any, None]]
 
 
 class StepDown(Exception):
-    """Raised by leader work that wants to give up leadership (e.g. it was fenced)."""
+    """Raised by leader work that wants to give up leadership (e.g. it was fenced).
+
+    `fence` is the newer token found in the fence, when that was the reason.
+    """
+
+    def __init__(self, message: str, *, fence: int | None = None) -> None:
+        super().__init__(message)
+        self.fence = fence
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ class Elector:
                     if exc is None:
                         return "leader work ended"
                     if isinstance(exc, StepDown):
+                        if exc.fence is not None and exc.fence >= grant.token:
+                            await self._catch_up_epoch(exc.fence)
                         return f"leader work stepped down: {exc}"
                     raise exc
                 # Checked before renewing: after a freeze (GC, SIGSTOP) the deadline
@@ -169,6 +178,17 @@ class Elector:
                 next_renew = self.last_renew + self.settings.renew_every
         finally:
             stopping.cancel()
+
+    async def _catch_up_epoch(self, fence: int) -> None:
+        """The fence is ahead of Redis' token counter (Redis lost it): move the counter past
+        it, so the next grant carries a token the fence accepts instead of climbing one
+        refused grant at a time."""
+        try:
+            await asyncio.wait_for(self.lease.raise_epoch(fence), timeout=2.0)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not raise the token counter to the fence: %s", exc)
+        else:
+            log.warning("token counter was behind the fence (%d): raised", fence)
 
     async def _stop_work(self, work: asyncio.Task[None], reason: str) -> None:
         if work.done():

@@ -44,6 +44,16 @@ end
 return 0
 """
 
+# KEYS: epoch. ARGV: floor. Raise the token counter to at least `floor`; never lower it.
+_RAISE_EPOCH = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return current
+"""
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -87,6 +97,7 @@ class Lease:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._raise_epoch = redis.register_script(_RAISE_EPOCH)
 
     async def acquire(
         self, *, holder: str, ttl: float, address: str = ""
@@ -110,6 +121,10 @@ class Lease:
     async def release(self, grant: Grant) -> bool:
         """Drop our lease and tell followers at once; False when it was not ours."""
         return int(await self._release(keys=[self.key, self.channel], args=[grant.raw])) == 1
+
+    async def raise_epoch(self, floor: int) -> int:
+        """Make the next token exceed `floor` (after Redis lost the counter); returns it."""
+        return int(await self._raise_epoch(keys=[self.epoch_key], args=[floor]))
 
     async def current(self) -> Holder | None:
         """Who leads now, or None."""

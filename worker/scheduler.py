@@ -71,7 +71,7 @@ class Leader:
         try:
             await db.raise_fence(self.pool, token=grant.token, holder=self.settings.worker_id)
         except Fenced as exc:
-            raise StepDown(str(exc)) from exc
+            raise StepDown(str(exc), fence=exc.current) from exc
         except _TRANSIENT as exc:
             # No database, no leading: hand the lease back rather than exit.
             raise StepDown(f"cannot raise the fence: {type(exc).__name__}: {exc}") from exc
