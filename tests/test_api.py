@@ -439,3 +439,19 @@ async def test_status_page_without_leader_says_so(client: Client) -> None:
     page = await (await client.get("/")).text()
     assert "nobody leads right now" in page
     assert "no runs yet" in page
+
+
+async def test_cancel_needs_the_key_and_a_live_run(client: Client, pool: db.Pool) -> None:
+    queued = await runs.enqueue(pool, job="poke", kind="http", params={})
+    done = await pool.fetchval(
+        "INSERT INTO runs (job, kind, trigger, status, finished_at)"
+        " VALUES ('poke', 'http', 'manual', 'succeeded', now()) RETURNING id"
+    )
+    await assert_error(await client.post(f"/runs/{queued}/cancel"), 401, "unauthorized")
+    headers = {"X-API-Key": API_KEY}
+    response = await client.post(f"/runs/{queued}/cancel", headers=headers)
+    assert response.status == 200
+    assert (await response.json())["status"] == "cancelled"
+    await assert_error(await client.post(f"/runs/{done}/cancel", headers=headers), 409, "finished")
+    await assert_error(await client.post("/runs/999999/cancel", headers=headers), 404)
+    await assert_error(await client.post("/runs/x/cancel", headers=headers), 400, "bad_id")

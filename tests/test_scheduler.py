@@ -272,3 +272,38 @@ async def test_token_counter_lost_by_redis_catches_up_with_the_fence(
     assert await pool.fetchval("SELECT token FROM fence") == 51
     stop.set()
     await task
+
+
+async def test_cancel_stops_a_running_run_and_drops_a_queued_one(
+    tmp_path: Path,
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+) -> None:
+    settings = settings_with_jobs(tmp_path, MANUAL_ONLY)
+    job = RecordingJob()
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
+    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
+    long_run = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 60})
+    waiting = await runs.enqueue(pool, job="on-demand", kind="rec", params={})  # overlap=forbid
+    await eventually(lambda: job.runs)
+    async with db.open_pool(database_url) as other:  # the request comes from another replica
+        assert await runs.request_cancel(other, waiting, by="test") == "cancelled"
+        assert await runs.request_cancel(other, long_run, by="test") == "running"
+
+    async def stopped() -> bool:
+        return await pool.fetchval("SELECT status FROM runs WHERE id = $1", long_run) == "cancelled"
+
+    await eventually(stopped, timeout=5.0)
+    assert [ctx.run_id for ctx in job.runs] == [long_run]  # the queued one never started
+    rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, error FROM runs")}
+    assert rows[waiting]["status"] == "cancelled"
+    assert rows[long_run]["error"] == "cancelled on request"
+    assert await runs.request_cancel(pool, long_run, by="test") == "cancelled"  # already ended
+    await asyncio.sleep(2.5)  # a reaper pass: cancelled runs are not resumed
+    assert await pool.fetchval("SELECT count(*) FROM runs WHERE trigger = 'resume'") == 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -157,7 +157,25 @@ async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
         return await _follow(pool, run_id)
 
 
-async def _follow(pool: db.Pool, run_id: int) -> int:
+async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        status = await runs.request_cancel(pool, args.run_id, by="cli")
+        if status is None:
+            print(f"no run {args.run_id}", file=sys.stderr)
+            return 1
+        if status == "cancelled":
+            print(f"run {args.run_id} cancelled before it started")
+            return 0
+        if status != "running":
+            print(f"run {args.run_id} already ended: {status}", file=sys.stderr)
+            return 1
+        print(f"run {args.run_id}: cancel requested; the leader stops it")
+        if not args.wait:
+            return 0
+        return await _follow(pool, args.run_id, ok=("cancelled", "succeeded"))
+
+
+async def _follow(pool: db.Pool, run_id: int, ok: tuple[str, ...] = ("succeeded",)) -> int:
     """Print progress of a run until it ends; exit 0 if it succeeded."""
     shown = ""
     while True:
@@ -171,7 +189,7 @@ async def _follow(pool: db.Pool, run_id: int) -> int:
         if run["status"] in runs.FINAL:
             if run["error"]:
                 print(f"error: {run['error']}")
-            return 0 if run["status"] == "succeeded" else 1
+            return 0 if run["status"] in ok else 1
         await asyncio.sleep(0.5)
 
 
@@ -220,6 +238,7 @@ COMMANDS: dict[str, Command] = {
     "runs": cmd_runs,
     "trigger": cmd_trigger,
     "products": cmd_products,
+    "cancel": cmd_cancel,
 }
 
 

@@ -19,7 +19,7 @@ STATUSES = ACTIVE + FINAL
 _COLUMNS = (
     "id, job, kind, slot, trigger, status, token, attempt, params, cursor, progress, stats,"
     " result, error, resumed_from, requested_by, worker_id, heartbeat_at, created_at,"
-    " started_at, finished_at"
+    " started_at, finished_at, cancel_requested_at"
 )
 
 
@@ -245,6 +245,46 @@ async def prune(conn: Connection, *, keep: float) -> int:
         "  AND coalesce(r.finished_at, now()) > now() - interval '1 day')"
     )
     return int(result.split()[-1])
+
+
+async def request_cancel(pool: Pool, run_id: int, *, by: str) -> str | None:
+    """Cancel a queued run now, or ask the leader to cancel a running one.
+
+    Returns the run's status after the request ('cancelled', or 'running' when the
+    leader will stop it), or None when there is no such run. Finished runs are
+    left as they are (their status is returned).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        status: str | None = await conn.fetchval(
+            "SELECT status FROM runs WHERE id = $1 FOR UPDATE", run_id
+        )
+        if status == "queued":
+            await conn.execute(
+                "UPDATE runs SET status = 'cancelled', finished_at = now(),"
+                " cancel_requested_at = now(), error = $2 WHERE id = $1",
+                run_id,
+                f"cancelled by {by} before it started",
+            )
+            return "cancelled"
+        if status == "running":
+            await conn.execute(
+                "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+                " requested_by = coalesce(requested_by, $2) WHERE id = $1",
+                run_id,
+                by,
+            )
+            await conn.execute("SELECT pg_notify($1, 'cancel')", NOTIFY_CHANNEL)
+        return status
+
+
+async def cancel_requested(pool: Pool, run_ids: list[int]) -> list[int]:
+    """Which of these running runs someone asked to cancel."""
+    rows = await pool.fetch(
+        "SELECT id FROM runs WHERE id = ANY($1::bigint[]) AND status = 'running'"
+        " AND cancel_requested_at IS NOT NULL",
+        run_ids,
+    )
+    return [int(r["id"]) for r in rows]
 
 
 async def running_jobs(pool: Pool) -> set[str]:

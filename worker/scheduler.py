@@ -61,6 +61,9 @@ class Leader:
         self._wake = asyncio.Event()
         self._fenced = asyncio.Event()
         self._active: dict[int, str] = {}  # run id -> job name
+        self._jobs: dict[int, aiojobs.Job[None]] = {}
+        self._cancelling: set[int] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._after: dict[str, datetime] = {}  # job -> newest slot decided
         self.token = 0
         self.stop_reason = "leadership ended"
@@ -114,6 +117,7 @@ class Leader:
 
     async def _tick(self, scheduler: aiojobs.Scheduler) -> float:
         """Claim due slots and queued runs; returns seconds until the next slot is due."""
+        await self._honour_cancels()
         # Queued runs first: a resume of an interrupted pass goes before a new slot.
         await self._drain_queue(scheduler)
         now = self._now()
@@ -195,7 +199,21 @@ class Leader:
     async def _spawn(self, scheduler: aiojobs.Scheduler, row: dict[str, Any]) -> None:
         self._active[row["id"]] = row["job"]
         metrics.RUNS_ACTIVE.set(len(self._active))
-        await scheduler.spawn(self._execute(row), name=f"run-{row['id']}")
+        self._jobs[row["id"]] = await scheduler.spawn(self._execute(row), name=f"run-{row['id']}")
+
+    async def _honour_cancels(self) -> None:
+        """Stop the runs someone asked to cancel (the request may come from any replica)."""
+        if not self._active:
+            return
+        for run_id in await runs.cancel_requested(self.pool, list(self._active)):
+            job = self._jobs.get(run_id)
+            if job is not None and run_id not in self._cancelling:
+                self._cancelling.add(run_id)
+                log.info("cancelling run %s on request", run_id)
+                # Not awaited here: the run records its end itself.
+                closing = asyncio.create_task(job.close(), name=f"cancel-{run_id}")
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def _execute(self, row: dict[str, Any]) -> None:
         """One run, from start to a final status; isolates every failure of the run."""
@@ -235,8 +253,10 @@ class Leader:
                     raise
                 error = f"timed out after {spec.timeout:g}s"
         except asyncio.CancelledError:
-            status, error = "abandoned", self.stop_reason
-            raise
+            if run_id not in self._cancelling:
+                status, error = "abandoned", self.stop_reason
+                raise
+            status, error = "cancelled", "cancelled on request"
         except Fenced as exc:
             status, error = "abandoned", str(exc)
             self._fenced.set()
@@ -266,6 +286,8 @@ class Leader:
             log.error("run end not recorded (%s); the next leader will reap it", exc)
         finally:
             self._active.pop(run_id, None)
+            self._jobs.pop(run_id, None)
+            self._cancelling.discard(run_id)
             metrics.RUNS_ACTIVE.set(len(self._active))
             metrics.RUNS.labels(name, status).inc()
             metrics.RUN_DURATION.labels(name).observe(asyncio.get_running_loop().time() - started)

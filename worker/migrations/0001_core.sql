@@ -44,6 +44,7 @@ CREATE TABLE runs (
     requested_by  text,
     worker_id     text,
     heartbeat_at  timestamptz,
+    cancel_requested_at timestamptz,
     created_at    timestamptz NOT NULL DEFAULT now(),
     started_at    timestamptz,
     finished_at   timestamptz,

@@ -181,6 +181,22 @@ async def get_run(request: web.Request) -> web.Response:
     return json_response(runs.public(run))
 
 
+async def cancel_run(request: web.Request) -> web.Response:
+    _require_key(request)
+    state = request.app[STATE]
+    try:
+        run_id = int(request.match_info["id"])
+    except ValueError:
+        raise ApiError(400, "bad_id", "run id must be a number") from None
+    status = await runs.request_cancel(state.pool, run_id, by=f"api:{state.settings.worker_id}")
+    if status is None:
+        raise ApiError(404, "unknown_run", f"no run {run_id}")
+    if status not in ("cancelled", "running"):
+        raise ApiError(409, "finished", f"run {run_id} already ended: {status}")
+    body = {"run_id": run_id, "status": status, "cancel_requested": True}
+    return json_response(body, status=202 if status == "running" else 200)
+
+
 async def list_products(request: web.Request) -> web.Response:
     q = request.query
     limit = _int_query(q.get("limit"), "limit", 50, 1, 1000)
@@ -280,6 +296,7 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_post("/jobs/{name}/trigger", trigger)
         app.router.add_get("/runs", list_runs)
         app.router.add_get("/runs/{id}", get_run)
+        app.router.add_post("/runs/{id}/cancel", cancel_run)
         app.router.add_get("/products", list_products)
         app.router.add_get("/", status_page)
     return app
