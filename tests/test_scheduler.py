@@ -290,7 +290,7 @@ async def test_cancel_stops_a_running_run_and_drops_a_queued_one(
     waiting = await runs.enqueue(pool, job="on-demand", kind="rec", params={})  # overlap=forbid
     await eventually(lambda: job.runs)
     async with db.open_pool(database_url) as other:  # the request comes from another replica
-        assert await runs.request_cancel(other, waiting, by="test") == "cancelled"
+        assert await runs.request_cancel(other, waiting, by="test") == "queued"
         assert await runs.request_cancel(other, long_run, by="test") == "running"
 
     async def stopped() -> bool:
@@ -301,7 +301,7 @@ async def test_cancel_stops_a_running_run_and_drops_a_queued_one(
     rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, error FROM runs")}
     assert rows[waiting]["status"] == "cancelled"
     assert rows[long_run]["error"] == "cancelled on request"
-    assert await runs.request_cancel(pool, long_run, by="test") == "cancelled"  # already ended
+    assert await runs.request_cancel(pool, long_run, by="test") == "cancelled"  # ended: no-op
     await asyncio.sleep(2.5)  # a reaper pass: cancelled runs are not resumed
     assert await pool.fetchval("SELECT count(*) FROM runs WHERE trigger = 'resume'") == 0
     task.cancel()

@@ -1,4 +1,4 @@
-"""`worker run | migrate | leader | jobs | runs | trigger | sandbox`."""
+"""`worker run | migrate | leader | jobs | runs | products | trigger | cancel | sandbox`."""
 
 from __future__ import annotations
 
@@ -141,8 +141,11 @@ async def cmd_products(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     spec = settings.job(args.job)
     if spec is None:
-        known = ", ".join(j.name for j in settings.jobs) or "none"
-        print(f"unknown job {args.job!r} (known: {known})", file=sys.stderr)
+        if settings.jobs_file is None:
+            print("no jobs file: set WORKER_JOBS_FILE to the replicas' jobs file", file=sys.stderr)
+        else:
+            known = ", ".join(j.name for j in settings.jobs) or "none"
+            print(f"unknown job {args.job!r} (known: {known})", file=sys.stderr)
         return 2
     if not spec.manual:
         print(f"job {args.job!r} has manual = false", file=sys.stderr)
@@ -159,15 +162,15 @@ async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     async with db.open_pool(settings.database_url, max_size=1) as pool:
-        status = await runs.request_cancel(pool, args.run_id, by="cli")
-        if status is None:
+        before = await runs.request_cancel(pool, args.run_id, by="cli")
+        if before is None:
             print(f"no run {args.run_id}", file=sys.stderr)
             return 1
-        if status == "cancelled":
+        if before == "queued":
             print(f"run {args.run_id} cancelled before it started")
             return 0
-        if status != "running":
-            print(f"run {args.run_id} already ended: {status}", file=sys.stderr)
+        if before != "running":
+            print(f"run {args.run_id} already ended: {before}", file=sys.stderr)
             return 1
         print(f"run {args.run_id}: cancel requested; the leader stops it")
         if not args.wait:
@@ -224,6 +227,9 @@ def _parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
     tp.add_argument("job", metavar="JOB")
     tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    cp = sub.add_parser("cancel", help="cancel a queued or running run")
+    cp.add_argument("run_id", type=int, metavar="RUN_ID")
+    cp.add_argument("--wait", action="store_true", help="follow the run until it has stopped")
     sub.add_parser(
         "sandbox", help="run the local sandbox marketplace (eMAG + eBay)", add_help=False
     )

@@ -250,9 +250,9 @@ async def prune(conn: Connection, *, keep: float) -> int:
 async def request_cancel(pool: Pool, run_id: int, *, by: str) -> str | None:
     """Cancel a queued run now, or ask the leader to cancel a running one.
 
-    Returns the run's status after the request ('cancelled', or 'running' when the
-    leader will stop it), or None when there is no such run. Finished runs are
-    left as they are (their status is returned).
+    Returns the run's status *before* the request: 'queued' (now cancelled),
+    'running' (the leader will stop it), a final status (nothing was done), or None
+    when there is no such run.
     """
     async with pool.acquire() as conn, conn.transaction():
         status: str | None = await conn.fetchval(
@@ -265,7 +265,6 @@ async def request_cancel(pool: Pool, run_id: int, *, by: str) -> str | None:
                 run_id,
                 f"cancelled by {by} before it started",
             )
-            return "cancelled"
         if status == "running":
             await conn.execute(
                 "UPDATE runs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"

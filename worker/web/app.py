@@ -188,13 +188,14 @@ async def cancel_run(request: web.Request) -> web.Response:
         run_id = int(request.match_info["id"])
     except ValueError:
         raise ApiError(400, "bad_id", "run id must be a number") from None
-    status = await runs.request_cancel(state.pool, run_id, by=f"api:{state.settings.worker_id}")
-    if status is None:
+    before = await runs.request_cancel(state.pool, run_id, by=f"api:{state.settings.worker_id}")
+    if before is None:
         raise ApiError(404, "unknown_run", f"no run {run_id}")
-    if status not in ("cancelled", "running"):
-        raise ApiError(409, "finished", f"run {run_id} already ended: {status}")
-    body = {"run_id": run_id, "status": status, "cancel_requested": True}
-    return json_response(body, status=202 if status == "running" else 200)
+    if before == "queued":
+        return json_response({"run_id": run_id, "status": "cancelled"})
+    if before == "running":
+        return json_response({"run_id": run_id, "status": "cancelling"}, status=202)
+    raise ApiError(409, "finished", f"run {run_id} already ended: {before}")
 
 
 async def list_products(request: web.Request) -> web.Response:
