@@ -54,6 +54,22 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_stray_error(_: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        # An exception nobody awaited is a bug: log it with its context and stop the
+        # replica (exit 1 after a clean shutdown) rather than run on half-broken.
+        error = context.get("exception")
+        log.critical(
+            "unhandled error: %s",
+            context.get("message"),
+            exc_info=error if isinstance(error, BaseException) else None,
+            extra={"task": repr(context.get("task") or context.get("future") or "")[:200]},
+        )
+        crashed.set()
+        stop.set()
+
+    crashed = asyncio.Event()
+    loop.set_exception_handler(on_stray_error)
     async with (
         open_redis(settings.redis_url) as redis,
         db.open_pool(settings.database_url, timeout=settings.db_timeout) as pool,
@@ -62,7 +78,8 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
         async with pool.acquire() as conn:
             for name in await db.migrate(conn):
                 log.info("migration %s applied", name)
-        return await _run_actors(settings, kinds, stop, redis, pool, upstream)
+        code = await _run_actors(settings, kinds, stop, redis, pool, upstream)
+    return 1 if crashed.is_set() else code
 
 
 async def _run_actors(

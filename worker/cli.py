@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from . import catalog, db, jobs, logs, runs
 from .app import open_redis, serve
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, Unreachable
 from .lease import Lease
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -40,7 +41,11 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_leader(args: argparse.Namespace, settings: Settings) -> int:
     async with open_redis(settings.redis_url) as redis:
-        current = await Lease(redis, prefix=settings.key_prefix).current()
+        try:
+            current = await Lease(redis, prefix=settings.key_prefix).current()
+        except (RedisError, OSError) as exc:
+            where = db.where(settings.redis_url)
+            raise Unreachable(f"cannot reach Redis at {where} (REDIS_URL): {exc}") from exc
     if args.json:
         print(orjson.dumps(current.as_dict() if current else {"holder": None}).decode())
     elif current is None:
@@ -271,8 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(COMMANDS[args.command](args, settings))
     except KeyboardInterrupt:
         return 130
-    except (OSError, ConnectionError) as exc:
-        print(f"error: cannot reach a service: {exc}", file=sys.stderr)
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RedisError) as exc:
+        print(f"error: cannot reach a service: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

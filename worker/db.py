@@ -9,11 +9,12 @@ from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 
-from .errors import ConfigError, Fenced
+from .errors import ConfigError, Fenced, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,20 @@ async def open_pool(
     dsn: str, *, timeout: float = 10.0, min_size: int = 1, max_size: int = 10
 ) -> AsyncIterator[Pool]:
     """A pool whose every statement and acquire has a timeout."""
-    pool = await asyncpg.create_pool(
+    try:
+        pool = await _create_pool(dsn, timeout=timeout, min_size=min_size, max_size=max_size)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unreachable(
+            f"cannot reach Postgres at {where(dsn)} (DATABASE_URL): {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _create_pool(dsn: str, *, timeout: float, min_size: int, max_size: int) -> Pool:
+    pool: Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -49,10 +63,15 @@ async def open_pool(
         init=_init_connection,
         server_settings={"application_name": "sync-worker"},
     )
-    try:
-        yield pool
-    finally:
-        await pool.close()
+    return pool
+
+
+def where(url: str) -> str:
+    """host:port/path of a service URL, without credentials, for error messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path}"
 
 
 def _migrations() -> list[tuple[int, str, str]]:

@@ -31,3 +31,7 @@ class UpstreamError(WorkerError):
 
 class JobError(WorkerError):
     """A run failed for a reason the job itself reports (a cap reached, a bad response)."""
+
+
+class Unreachable(WorkerError):
+    """A service the worker needs (Postgres, Redis) did not answer; the message names it."""
