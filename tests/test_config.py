@@ -299,3 +299,17 @@ def test_cli_help_exits_0(args: list[str]) -> None:
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert "usage: worker" in result.stdout
+
+
+def test_cli_unreachable_postgres_is_named_without_the_password() -> None:
+    result = run_cli("run", env={"DATABASE_URL": "postgresql://app:hunter2@127.0.0.1:1/worker"})
+    assert result.returncode == 1, result.stderr
+    assert "cannot reach Postgres at 127.0.0.1:1/worker (DATABASE_URL)" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_cli_unreachable_redis_is_named() -> None:
+    result = run_cli("leader", env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+    assert result.returncode == 1, result.stderr
+    assert "cannot reach Redis at 127.0.0.1:1/0 (REDIS_URL)" in result.stderr
+    assert "hunter2" not in result.stderr
