@@ -130,10 +130,11 @@ async def upsert(
     await _ensure_stage(conn)
     await conn.execute(f"TRUNCATE {_STAGE}")  # a second batch in the same transaction
     await conn.copy_records_to_table(_STAGE, records=records, columns=_STAGE_COLUMNS)
-    rows = await conn.fetch(
-        "INSERT INTO products AS p (source, account, external_id, name, sku, ean, price,"
-        " currency, stock, status, url, raw, hash)"
-        f" SELECT $1, $2, external_id, name, sku, ean, price, currency, stock, status, url,"
+    # Counted in the database: one row back per batch, not one per changed item.
+    row = await conn.fetchrow(
+        "WITH merged AS (INSERT INTO products AS p (source, account, external_id, name, sku,"
+        " ean, price, currency, stock, status, url, raw, hash)"
+        " SELECT $1, $2, external_id, name, sku, ean, price, currency, stock, status, url,"
         f" raw::jsonb, hash FROM {_STAGE}"
         " ON CONFLICT (source, account, external_id) DO UPDATE SET"
         " name = EXCLUDED.name, sku = EXCLUDED.sku, ean = EXCLUDED.ean,"
@@ -141,14 +142,13 @@ async def upsert(
         " status = EXCLUDED.status, url = EXCLUDED.url, raw = EXCLUDED.raw,"
         " hash = EXCLUDED.hash, last_seen = now(), gone_at = NULL"
         " WHERE p.hash <> EXCLUDED.hash OR p.gone_at IS NOT NULL"
-        " RETURNING (xmax = 0) AS created",
+        " RETURNING (xmax = 0) AS created)"
+        " SELECT count(*) FILTER (WHERE created) AS created, count(*) AS written FROM merged",
         source,
         account,
     )
-    created = sum(1 for r in rows if r["created"])
-    return UpsertCounts(
-        created=created, updated=len(rows) - created, unchanged=len(latest) - len(rows)
-    )
+    created, written = int(row["created"]), int(row["written"])
+    return UpsertCounts(created=created, updated=written - created, unchanged=len(latest) - written)
 
 
 async def record_seen(conn: Connection, *, run_id: int, external_ids: Iterable[str]) -> None:
