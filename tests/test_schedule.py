@@ -136,3 +136,40 @@ def test_skip_with_nothing_on_time_runs_nothing() -> None:
     )
     assert plan.run == []
     assert plan.missed == minutes_ago(30)
+
+
+@pytest.mark.parametrize(
+    ("expr", "after", "until"),
+    [
+        (
+            "*/15 * * * *",
+            datetime(2026, 3, 29, 0, 30, tzinfo=UTC),
+            datetime(2026, 3, 29, 1, 30, tzinfo=UTC),
+        ),
+        (
+            "*/30 * * * *",
+            datetime(2026, 10, 24, 22, tzinfo=UTC),
+            datetime(2026, 10, 25, 2, tzinfo=UTC),
+        ),
+        ("30 3 * * *", datetime(2026, 3, 27, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)),
+        (
+            "0 * * * *",
+            datetime(2026, 10, 24, 23, 30, tzinfo=UTC),
+            datetime(2026, 10, 25, 3, 30, tzinfo=UTC),
+        ),
+    ],
+)
+def test_newest_between_walks_back_to_the_same_slots(
+    expr: str, after: datetime, until: datetime
+) -> None:
+    cron = CronSchedule(expr, BUCHAREST)
+    assert cron.newest_between(after, until, 10_000) == list(cron.slots_between(after, until))
+
+
+def test_newest_between_is_bounded_after_a_very_long_outage() -> None:
+    every_second = CronSchedule("* * * * * *", "UTC")
+    until = datetime(2026, 1, 15, tzinfo=UTC)
+    newest = every_second.newest_between(until - timedelta(days=14), until, 1000)
+    assert len(newest) == 1000
+    assert newest[-1] == until
+    assert newest[0] == until - timedelta(seconds=999)

@@ -58,6 +58,23 @@ class CronSchedule:
                 last = instant
                 yield instant
 
+    def newest_between(self, after: datetime, until: datetime, limit: int) -> list[datetime]:
+        """The newest `limit` slots s with after < s <= until, oldest first.
+
+        Walks backwards from `until`, so the work is bounded by `limit` however long
+        ago `after` is (a per-second job after a two-week outage: 1.2 million slots).
+        """
+        it = self._iter(until.astimezone(self.tz).replace(tzinfo=None) + timedelta(seconds=1))
+        found: list[datetime] = []
+        while len(found) < limit:
+            instant = self._place(it.get_prev(datetime))
+            if instant <= after:
+                break
+            if instant <= until and (not found or instant != found[-1]):
+                found.append(instant)
+        found.reverse()
+        return found
+
     def next_after(self, after: datetime) -> datetime:
         """The first slot strictly after `after`."""
         horizon = after + timedelta(days=366 * 5)

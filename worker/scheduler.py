@@ -127,12 +127,16 @@ class Leader:
             if spec.schedule is None:
                 continue
             after = await self._decided_until(spec)
-            due = list(spec.schedule.slots_between(after, now))
+            due = spec.schedule.newest_between(after, now, MAX_DUE + 1)
             if len(due) > MAX_DUE:
-                dropped = len(due) - MAX_DUE
-                metrics.MISSED_SLOTS.labels(spec.name).inc(dropped)
-                log.warning("%s: %d slots of a long outage dropped", spec.name, dropped)
-                due = due[-MAX_DUE:]
+                # Bounded work after a very long outage: older slots get no row.
+                due = due[1:]
+                log.warning(
+                    "%s: slots between %s and %s of a long outage dropped (not recorded)",
+                    spec.name,
+                    after.isoformat(),
+                    due[0].isoformat(),
+                )
             plan = plan_slots(
                 due,
                 now=now,
