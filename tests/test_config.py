@@ -313,3 +313,43 @@ def test_cli_unreachable_redis_is_named() -> None:
     assert result.returncode == 1, result.stderr
     assert "cannot reach Redis at 127.0.0.1:1/0 (REDIS_URL)" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+CLASHING = """
+[[jobs]]
+name = "emag-ro"
+kind = "emag.offers"
+[jobs.params]
+account = "main"
+platform = "ro"
+username_env = "U"
+password_env = "P"
+
+[[jobs]]
+name = "emag-bg"
+kind = "emag.offers"
+[jobs.params]
+account = "main"
+platform = "{platform}"
+username_env = "U"
+password_env = "P"
+max_pages = 3
+"""
+
+
+def test_two_catalogue_jobs_on_one_account_must_read_the_same_catalogue(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.toml"
+    registry = worker.jobs.kinds()
+    path.write_text(CLASHING.format(platform="bg"))
+    with pytest.raises(ConfigError, match="'emag-ro' and 'emag-bg' both write emag account 'main'"):
+        load_jobs(path, kinds=worker.jobs.checkers(registry), cross_check=worker.jobs.cross_check)
+    # The same catalogue read by two jobs (here with another page cap) is fine.
+    path.write_text(CLASHING.format(platform="ro"))
+    assert (
+        len(
+            load_jobs(
+                path, kinds=worker.jobs.checkers(registry), cross_check=worker.jobs.cross_check
+            )
+        )
+        == 2
+    )

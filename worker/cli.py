@@ -23,7 +23,7 @@ Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
 def _settings() -> Settings:
-    return Settings.from_env(kinds=jobs.checkers(jobs.kinds()))
+    return Settings.from_env(kinds=jobs.checkers(jobs.kinds()), cross_check=jobs.cross_check)
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -121,6 +121,7 @@ class Settings:
         env: Mapping[str, str] | None = None,
         *,
         kinds: Mapping[str, Callable[[JobSpec], None]] | None = None,
+        cross_check: Callable[[Sequence[JobSpec]], None] | None = None,
     ) -> Settings:
         """Build and validate settings; `kinds` maps job kinds to their params checker."""
         env = os.environ if env is None else env
@@ -156,7 +157,7 @@ class Settings:
             db_timeout=e.seconds("WORKER_DB_TIMEOUT", cls.db_timeout),
             reap_after=e.seconds("WORKER_REAP_AFTER", cls.reap_after),
             keep_runs=e.seconds("WORKER_KEEP_RUNS", cls.keep_runs),
-            jobs=load_jobs(path, kinds=kinds) if path else (),
+            jobs=load_jobs(path, kinds=kinds, cross_check=cross_check) if path else (),
         )
         return settings
 
@@ -233,7 +234,10 @@ _JOB_FIELDS = {
 
 
 def load_jobs(
-    path: Path, *, kinds: Mapping[str, Callable[[JobSpec], None]] | None = None
+    path: Path,
+    *,
+    kinds: Mapping[str, Callable[[JobSpec], None]] | None = None,
+    cross_check: Callable[[Sequence[JobSpec]], None] | None = None,
 ) -> tuple[JobSpec, ...]:
     """Read and validate a jobs file; errors name the file, the job and the field."""
     try:
@@ -262,6 +266,11 @@ def load_jobs(
             except (ValueError, TypeError, KeyError) as exc:
                 raise ConfigError(f"{path}: job {job.name!r}: params: {exc}") from None
         jobs.append(job)
+    if cross_check is not None:
+        try:
+            cross_check(jobs)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     return tuple(jobs)
 
 

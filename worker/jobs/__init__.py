@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ..config import JobSpec
 from ..context import JobKind
@@ -18,3 +18,32 @@ def kinds() -> dict[str, JobKind]:
 def checkers(registry: Mapping[str, JobKind]) -> dict[str, Callable[[JobSpec], None]]:
     """Per-kind params checkers, for `Settings.from_env(kinds=…)`."""
     return {name: kind.check for name, kind in registry.items()}
+
+
+# Params that only change how a pass runs, not which catalogue it reads.
+_PACING = {"max_pages", "rate_limit", "mark_gone", "items_per_page", "limit", "prefetch"}
+_SOURCES = {"emag.offers": "emag", "ebay.catalog": "ebay"}
+
+
+def cross_check(specs: Sequence[JobSpec]) -> None:
+    """Catalogue jobs writing the same (source, account) must read the same catalogue.
+
+    Otherwise each would mark the other's items gone: give each platform, seller set
+    or query set its own `account` name.
+    """
+    seen: dict[tuple[str, str], JobSpec] = {}
+    for spec in specs:
+        source = _SOURCES.get(spec.kind)
+        if source is None:
+            continue
+        key = (source, str(spec.params.get("account")))
+        other = seen.setdefault(key, spec)
+        if other is spec:
+            continue
+        mine = {k: v for k, v in spec.params.items() if k not in _PACING}
+        theirs = {k: v for k, v in other.params.items() if k not in _PACING}
+        if mine != theirs:
+            raise ValueError(
+                f"jobs {other.name!r} and {spec.name!r} both write {source} account"
+                f" {key[1]!r} but read different catalogues; give each its own 'account'"
+            )
