@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from worker.ratelimit import Rate, RateLimiter
+from worker.sandbox import max_in_window
 from worker.upstream import open_upstream
 
 ARRIVALS = web.AppKey("arrivals", list[float])
@@ -30,17 +31,6 @@ class Result:
     max_in_window: int
     sustained: float
     spacing: float  # mean gap between arrival i and arrival i + Rate.calls
-
-
-def max_in_window(arrivals: list[float], period: float) -> int:
-    """The most arrivals inside any half-open window [t, t + period)."""
-    times = sorted(arrivals)
-    best = start = 0
-    for end, t in enumerate(times):
-        while times[start] <= t - period:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def record(request: web.Request) -> web.Response:

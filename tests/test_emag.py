@@ -10,6 +10,7 @@ from pytest_aiohttp import AiohttpServer
 
 from worker import db
 from worker.jobs.marketplaces import EmagOffersJob
+from worker.sandbox import max_in_window
 from worker.upstream import RetryPolicy, Upstream, open_upstream
 
 from .helpers import eventually
@@ -34,13 +35,8 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 def peak_per_second(market: Marketplace, account: str = "main") -> int:
     """The most requests of one account that reached the sandbox in any 1 s window."""
-    times = sorted(r.at for r in market.requests if r.api == "emag" and r.who == account)
-    start = best = 0
-    for end, at in enumerate(times):
-        while times[start] <= at - 1.0:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+    times = [r.at for r in market.requests if r.api == "emag" and r.who == account]
+    return max_in_window(times, 1.0)
 
 
 async def test_is_error_fails_the_run_with_emags_message(

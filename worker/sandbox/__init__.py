@@ -1,6 +1,6 @@
 """A local sandbox marketplace speaking the eMAG and eBay API shapes (see docs/sandbox.md)."""
 
-from .app import SandboxConfig, build_app, main, serve
+from .app import SandboxConfig, build_app, main, max_in_window, serve
 from .catalog import QUERY_TERMS, Catalog
 from .state import REQUESTS, SANDBOX, Faults, RequestRecord, Sandbox
 
@@ -15,5 +15,6 @@ __all__ = [
     "SandboxConfig",
     "build_app",
     "main",
+    "max_in_window",
     "serve",
 ]

@@ -150,7 +150,9 @@ async def _stats(request: web.Request) -> web.Response:
             "by_status": Counter(str(r.status) for r in records),
             "by_api": Counter(r.api for r in records),
             "by_caller": Counter(f"{r.api}:{r.who}" for r in records if r.who),
-            "peak_per_period": {who: _peak(ts, sandbox.period) for who, ts in arrivals.items()},
+            "peak_per_period": {
+                who: max_in_window(ts, sandbox.period) for who, ts in arrivals.items()
+            },
             "tokens_issued": sandbox.tokens_issued,
             "rate": sandbox.limit(),
             "catalog": {
@@ -161,7 +163,7 @@ async def _stats(request: web.Request) -> web.Response:
     )
 
 
-def _peak(times: list[float], period: float) -> int:
+def max_in_window(times: list[float], period: float) -> int:
     """Most arrivals inside any window of `period` (two pointers over sorted times)."""
     times = sorted(times)
     best = start = 0
