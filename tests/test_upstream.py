@@ -239,3 +239,18 @@ def test_backoff_is_full_jitter_under_the_cap() -> None:
     waits = [policy.backoff(attempt) for attempt in range(8) for _ in range(50)]
     assert all(0.0 <= w <= 3.0 for w in waits)
     assert all(0.0 <= policy.backoff(0) <= 0.5 for _ in range(50))
+
+
+async def test_429_without_retry_after_waits_out_the_rate_window(
+    server: TestServer, script: Script, upstream: Upstream
+) -> None:
+    # eMAG answers 429 with X-RateLimit-*-3second headers and no Retry-After.
+    headers = {"X-RateLimit-Limit-3second": "3", "X-RateLimit-Remaining-3second": "0"}
+    path = script.on("/limited", (429, headers, b'{"message": "API rate limit exceeded"}'), 200)
+    policy = RetryPolicy(attempts=3, base=0.001, cap=0.01, rate_limited_wait=0.3)
+
+    response = await upstream.request("GET", str(server.make_url(path)), retry=policy)
+
+    assert response.status == 200
+    first, second = script.hits[path]
+    assert second - first >= 0.3

@@ -36,6 +36,7 @@ class RetryPolicy:
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 120.0  # a server asking for longer gets this much
+    rate_limited_wait: float = 1.0  # after a 429 that names no Retry-After
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
@@ -122,8 +123,12 @@ class Upstream:
                 if not retryable or attempt == policy.attempts - 1:
                     return response
                 last_error = f"HTTP {response.status}"
-                asked = retry_after(response.headers) or 0.0
-                wait = max(policy.backoff(attempt), min(asked, policy.max_retry_after))
+                asked = retry_after(response.headers)
+                if asked is None and response.status == 429:
+                    # A rate limit without Retry-After (eMAG sends only X-RateLimit-*):
+                    # retrying inside the same window would only be refused again.
+                    asked = policy.rate_limited_wait
+                wait = max(policy.backoff(attempt), min(asked or 0.0, policy.max_retry_after))
             if attempt < policy.attempts - 1:
                 log.info(
                     "upstream %s %s failed (%s), retry %d/%d in %.2fs",
