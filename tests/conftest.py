@@ -30,11 +30,40 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+async def _drop_leftovers() -> None:
+    """Drop test databases of earlier sessions that were killed before cleaning up."""
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        names = [
+            r["datname"]
+            for r in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'worker\\_test\\_%'"
+            )
+        ]
+        for name in names:
+            pid = name.removeprefix("worker_test_").removeprefix("tpl_").split("_")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
 def template_db() -> Iterator[str]:
     """One migrated database per test session; tests get copies of it."""
 
     async def build() -> None:
+        await _drop_leftovers()
         await _admin(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
         await _admin(f'CREATE DATABASE "{TEMPLATE}"')
         conn = await asyncpg.connect(dsn_for(TEMPLATE))
@@ -51,7 +80,7 @@ def template_db() -> Iterator[str]:
 @pytest.fixture
 async def database_url(template_db: str) -> AsyncIterator[str]:
     """A fresh database, a copy of the migrated template, dropped after the test."""
-    name = f"worker_test_{uuid.uuid4().hex[:12]}"
+    name = f"worker_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
         yield dsn_for(name)
