@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -59,7 +59,6 @@ class UpsertCounts:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def to_decimal(value: Any) -> Decimal | None:

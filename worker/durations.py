@@ -37,13 +37,3 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Short human form: 0.25s, 90s, 15m, 2h, 1h30m."""
-    if seconds < 60:
-        return f"{seconds:g}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
-    return out + (f"{secs}s" if secs else "")

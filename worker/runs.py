@@ -286,11 +286,6 @@ async def cancel_requested(pool: Pool, run_ids: list[int]) -> list[int]:
     return [int(r["id"]) for r in rows]
 
 
-async def running_jobs(pool: Pool) -> set[str]:
-    rows = await pool.fetch("SELECT DISTINCT job FROM runs WHERE status = 'running'")
-    return {r["job"] for r in rows}
-
-
 async def get(pool: Pool, run_id: int) -> dict[str, Any] | None:
     row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM runs WHERE id = $1", run_id)
     return dict(row) if row else None

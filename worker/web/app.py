@@ -258,7 +258,7 @@ async def trigger(request: web.Request) -> web.Response:
 
 async def status_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    now = status.now_utc()
+    now = datetime.now(UTC)
     current = await state.lease.current()
     last = await runs.last_runs(state.pool)
     jobs = []
@@ -271,15 +271,16 @@ async def status_page(request: web.Request) -> web.Response:
                 "last_run": run,
             }
         )
-    return status.as_page(
-        status.render(
+    return web.Response(
+        content_type="text/html",
+        text=status.render(
             self_id=state.settings.worker_id,
             role=state.settings.role,
             leader=current.as_dict() if current else None,
             jobs=jobs,
             recent=await runs.search(state.pool, limit=25),
             now=now,
-        )
+        ),
     )
 
 

@@ -5,11 +5,9 @@ Server-rendered HTML that refreshes itself every 5 s; no JavaScript, no assets.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from html import escape
 from typing import Any
-
-from aiohttp import web
 
 from .. import runs
 
@@ -127,11 +125,3 @@ def render(
 <h2>Recent runs</h2><table><tr><th>run</th><th>job</th><th>trigger</th><th>status</th>
 <th>slot</th><th>created</th><th>took</th><th>progress</th></tr>{run_rows or _EMPTY_RUNS}</table>
 </body></html>"""
-
-
-def as_page(body: str) -> web.Response:
-    return web.Response(text=body, content_type="text/html")
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
