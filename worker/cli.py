@@ -62,18 +62,8 @@ async def cmd_leader(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     async with db.open_pool(settings.database_url, max_size=1) as pool:
-        last = await runs.last_runs(pool)
-    now = datetime.now(UTC)
-    rows = []
-    for spec in settings.jobs:
-        run = last.get(spec.name)
-        rows.append(
-            {
-                **spec.describe(),
-                "next_slot": spec.schedule.next_after(now).isoformat() if spec.schedule else None,
-                "last_run": runs.public(run) if run else None,
-            }
-        )
+        overview = await runs.job_overview(pool, settings.jobs, datetime.now(UTC))
+    rows = [runs.public_job(view) for view in overview]
     if args.json:
         print(orjson.dumps(rows).decode())
         return 0

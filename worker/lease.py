@@ -76,14 +76,10 @@ class Holder:
     address: str
     ttl_ms: int
 
+    FIELDS = ("holder", "token", "since", "address", "ttl_ms")
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "holder": self.holder,
-            "token": self.token,
-            "since": self.since,
-            "address": self.address,
-            "ttl_ms": self.ttl_ms,
-        }
+        return {name: getattr(self, name) for name in self.FIELDS}
 
 
 class Lease:

@@ -6,10 +6,11 @@ make (enqueueing a manual run) and all reads take the pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .config import JobSpec
 from .db import NOTIFY_CHANNEL, Connection, Pool, jsonable
 
 ACTIVE = ("queued", "running")
@@ -312,6 +313,29 @@ async def last_runs(pool: Pool) -> dict[str, dict[str, Any]]:
         " ORDER BY job, id DESC"
     )
     return {r["job"]: dict(r) for r in rows}
+
+
+async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> list[dict[str, Any]]:
+    """Each job's settings with its next slot and newest run (raw values)."""
+    last = await last_runs(pool)
+    return [
+        {
+            **spec.describe(),
+            "next_slot": spec.schedule.next_after(now) if spec.schedule else None,
+            "last_run": last.get(spec.name),
+        }
+        for spec in specs
+    ]
+
+
+def public_job(view: Mapping[str, Any]) -> dict[str, Any]:
+    """A `job_overview` entry as the API and CLI show it."""
+    next_slot, last_run = view["next_slot"], view["last_run"]
+    return {
+        **view,
+        "next_slot": next_slot.isoformat() if next_slot else None,
+        "last_run": public(last_run) if last_run else None,
+    }
 
 
 def public(run: Mapping[str, Any]) -> dict[str, Any]:

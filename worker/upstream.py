@@ -100,7 +100,6 @@ class Upstream:
         key = limit_key or host
         last_error = ""
         for attempt in range(policy.attempts):
-            started = time.perf_counter()
             try:
                 async with self.limiter.slot(key):
                     started = time.perf_counter()  # latency excludes the wait for a permit

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,3 +40,18 @@ class Connector(Protocol):
     def complete(self) -> bool:
         """After iterating: whether the pass covered the whole catalogue."""
         ...
+
+
+def map_all(
+    raws: list[Any], mapper: Callable[[Any], Item], *, id_field: str
+) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Map a page's raw items; a bad one becomes (its id or "?", reason), never an error."""
+    items: list[Item] = []
+    failed: list[tuple[str, str]] = []
+    for raw in raws:
+        try:
+            items.append(mapper(raw))
+        except (ValueError, TypeError, KeyError) as exc:
+            ident = raw.get(id_field) if isinstance(raw, dict) else None
+            failed.append((str(ident) if ident not in (None, "") else "?", str(exc)))
+    return items, failed

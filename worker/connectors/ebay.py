@@ -21,7 +21,7 @@ import aiohttp
 from ..catalog import Item, text, to_decimal
 from ..errors import UpstreamError
 from ..upstream import Response, Upstream, error_detail
-from .base import Page
+from .base import Page, map_all
 
 SCOPE = "https://api.ebay.com/oauth/api_scope"
 MAX_LIMIT = 200
@@ -158,20 +158,11 @@ class EbayCatalog:
         self._complete = True
 
     def _map(self, summaries: list[Any]) -> tuple[list[Item], list[tuple[str, str]]]:
-        items: list[Item] = []
-        failed: list[tuple[str, str]] = []
-        for raw in summaries:
-            try:
-                item = map_summary(raw)
-            except (ValueError, TypeError, KeyError) as exc:
-                ident = raw.get("itemId") if isinstance(raw, dict) else None
-                failed.append((str(ident or "?"), str(exc)))
-                continue
-            if item.external_id in self._seen:
-                continue  # found by an earlier query of this pass
-            self._seen.add(item.external_id)
-            items.append(item)
-        return items, failed
+        items, failed = map_all(summaries, map_summary, id_field="itemId")
+        fresh = [item for item in items if item.external_id not in self._seen]
+        # Items found by an earlier query of this pass are not stored again.
+        self._seen.update(item.external_id for item in fresh)
+        return fresh, failed
 
     async def _search(self, term: str, offset: int) -> dict[str, Any]:
         params = {"q": term, "limit": str(self.limit), "offset": str(offset)}

@@ -19,7 +19,7 @@ import aiohttp
 from ..catalog import Item, text, to_count, to_decimal
 from ..errors import UpstreamError
 from ..upstream import Response, Upstream, error_detail
-from .base import Page
+from .base import Page, map_all
 
 PLATFORMS = {
     "ro": "https://marketplace-api.emag.ro/api-3",
@@ -82,7 +82,7 @@ class EmagOffers:
                 page_no = next_page - len(window)
                 results = await window.popleft()
                 last = page_no >= total_pages or len(results) < self.per_page
-                items, failed = map_offers(results)
+                items, failed = map_all(results, map_offer, id_field="id")
                 yield Page(
                     items=items,
                     failed=failed,
@@ -142,19 +142,6 @@ def _envelope(response: Response) -> dict[str, Any]:
         text = "; ".join(m if isinstance(m, str) else str(m) for m in messages)
         raise UpstreamError(f"eMAG isError at {response.url}: {text}", url=response.url)
     return body
-
-
-def map_offers(results: list[Any]) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Map raw offers; a bad one becomes (id or "?", reason), never an exception."""
-    items: list[Item] = []
-    failed: list[tuple[str, str]] = []
-    for raw in results:
-        try:
-            items.append(map_offer(raw))
-        except (ValueError, TypeError, KeyError) as exc:
-            ident = raw.get("id") if isinstance(raw, dict) else None
-            failed.append((str(ident) if ident is not None else "?", str(exc)))
-    return items, failed
 
 
 def map_offer(raw: Any) -> Item:

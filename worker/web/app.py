@@ -20,7 +20,7 @@ from ..config import Settings
 from ..db import Pool, jsonable
 from ..election import Elector
 from ..errors import WorkerError
-from ..lease import Lease
+from ..lease import Holder, Lease
 from . import status
 
 log = logging.getLogger(__name__)
@@ -116,42 +116,23 @@ async def leader(request: web.Request) -> web.Response:
     state = request.app[STATE]
     current = await state.lease.current()
     me = state.settings.worker_id
-    return json_response(
-        {
-            "holder": current.holder if current else None,
-            "token": current.token if current else None,
-            "ttl_ms": current.ttl_ms if current else None,
-            "since": current.since if current else None,
-            "address": current.address if current else None,
-            "self": bool(current and current.holder == me),
-            "self_id": me,
-        }
-    )
+    view = current.as_dict() if current else dict.fromkeys(Holder.FIELDS)
+    return json_response({**view, "self": bool(current and current.holder == me), "self_id": me})
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    last = await runs.last_runs(state.pool)
-    return json_response({"jobs": [_job_view(state, j.name, last) for j in state.settings.jobs]})
+    overview = await runs.job_overview(state.pool, state.settings.jobs, datetime.now(UTC))
+    return json_response({"jobs": [runs.public_job(view) for view in overview]})
 
 
 async def get_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    name = request.match_info["name"]
-    if state.settings.job(name) is None:
-        raise ApiError(404, "unknown_job", f"no job named {name!r}")
-    return json_response(_job_view(state, name, await runs.last_runs(state.pool)))
-
-
-def _job_view(state: WebState, name: str, last: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    spec = state.settings.job(name)
-    assert spec is not None
-    view = spec.describe()
-    view["next_slot"] = (
-        spec.schedule.next_after(datetime.now(UTC)).isoformat() if spec.schedule else None
-    )
-    view["last_run"] = runs.public(last[name]) if name in last else None
-    return view
+    spec = state.settings.job(request.match_info["name"])
+    if spec is None:
+        raise ApiError(404, "unknown_job", f"no job named {request.match_info['name']!r}")
+    [view] = await runs.job_overview(state.pool, [spec], datetime.now(UTC))
+    return json_response(runs.public_job(view))
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -260,17 +241,7 @@ async def status_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = datetime.now(UTC)
     current = await state.lease.current()
-    last = await runs.last_runs(state.pool)
-    jobs = []
-    for spec in state.settings.jobs:
-        run = last.get(spec.name)
-        jobs.append(
-            {
-                **spec.describe(),
-                "next_slot": spec.schedule.next_after(now) if spec.schedule else None,
-                "last_run": run,
-            }
-        )
+    jobs = await runs.job_overview(state.pool, state.settings.jobs, now)
     return web.Response(
         content_type="text/html",
         text=status.render(
