@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -42,6 +43,18 @@ kind = "rec"
 async def upstream() -> AsyncIterator[Upstream]:
     async with open_upstream() as up:
         yield up
+
+
+@asynccontextmanager
+async def leading(leader: Leader, grant: Grant) -> AsyncIterator[None]:
+    """Run the leader work for the block, then end the term as the elector would."""
+    task = asyncio.create_task(leader.run(grant))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 async def grant_for(redis: Redis, prefix: str, holder: str) -> Grant:
@@ -83,8 +96,15 @@ async def test_split_brain_stale_leader_cannot_claim(pool: db.Pool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("misfire", "ran_minutes_ago", "missed"),
-    [("skip", [], 10), ("latest", [1], 9), ("all", [10, 9, 8, 7, 6, 5, 4, 3, 2, 1], 0)],
+    ("misfire", "grace", "ran", "missed"),
+    [
+        # The 12:00 slot is 30 s old: within a 90 s grace it is on time and runs.
+        ("skip", "90s", ["12:00"], 9),
+        # With a 10 s grace nothing is on time: every slot is recorded missed.
+        ("skip", "10s", [], 10),
+        ("latest", "10s", ["12:00"], 9),
+        ("all", "10s", [f"11:{m}" for m in range(51, 60)] + ["12:00"], 0),
+    ],
 )
 async def test_misfire_after_an_outage(
     tmp_path: Path,
@@ -93,7 +113,8 @@ async def test_misfire_after_an_outage(
     key_prefix: str,
     upstream: Upstream,
     misfire: str,
-    ran_minutes_ago: list[int],
+    grace: str,
+    ran: list[str],
     missed: int,
 ) -> None:
     # The previous leader ran the 11:50 slot, then the cluster was down until 12:00:30.
@@ -105,26 +126,25 @@ async def test_misfire_after_an_outage(
         " 'schedule', 'succeeded')",
         last,
     )
-    settings = settings_with_jobs(tmp_path, EVERY_MINUTE.format(misfire=misfire))
+    toml = EVERY_MINUTE.format(misfire=misfire).replace('"90s"', f'"{grace}"')
+    settings = settings_with_jobs(tmp_path, toml)
     job = RecordingJob()
     leader = Leader(
         settings=settings, pool=pool, upstream=upstream, kinds={"rec": job}, now=lambda: now
     )
-    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
-    expected = [now.replace(second=0) - timedelta(minutes=m - 1) for m in ran_minutes_ago]
-    # The 12:00 slot is 30 s old: on time within the 90 s grace, so `skip` runs it too.
-    if misfire == "skip":
-        expected = [datetime(2026, 5, 1, 12, 0, tzinfo=UTC)]
-        missed = 9
-    await eventually(lambda: len(job.runs) >= len(expected))
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert sorted(ctx.slot for ctx in job.runs if ctx.slot) == sorted(expected)
-    rows = await pool.fetch("SELECT slot, status FROM runs WHERE job = 'tick' AND slot > $1", last)
+    expected = [datetime.fromisoformat(f"2026-05-01T{hm}:00+00:00") for hm in ran]
+    query = "SELECT slot, status FROM runs WHERE job = 'tick' AND slot > $1"
+
+    async def decided() -> bool:
+        statuses = [r["status"] for r in await pool.fetch(query, last)]
+        return statuses.count("missed") == missed and statuses.count("succeeded") == len(expected)
+
+    async with leading(leader, await grant_for(redis, key_prefix, "me")):
+        await eventually(decided)
+        await asyncio.sleep(0.2)  # and nothing more happens
+    assert sorted(ctx.slot for ctx in job.runs if ctx.slot) == expected
+    rows = await pool.fetch(query, last)
     assert sum(r["status"] == "missed" for r in rows) == missed
-    assert sum(r["status"] == "succeeded" for r in rows) == len(expected)
     assert len({r["slot"] for r in rows}) == len(rows) == missed + len(expected)
 
 
@@ -139,27 +159,24 @@ async def test_manual_run_queued_by_another_replica_runs_on_the_leader(
     settings = settings_with_jobs(tmp_path, MANUAL_ONLY, worker_id="leader-pod")
     job = RecordingJob()
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
-    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "leader-pod")))
-    await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
-    # Another replica (its own pool) only writes a queued row and NOTIFYs.
-    async with db.open_pool(database_url) as other:
-        run_id = await runs.enqueue(
-            other, job="on-demand", kind="rec", params={}, requested_by="api"
-        )
+    async with leading(leader, await grant_for(redis, key_prefix, "leader-pod")):
+        await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
+        # Another replica (its own pool) only writes a queued row and NOTIFYs.
+        async with db.open_pool(database_url) as other:
+            run_id = await runs.enqueue(
+                other, job="on-demand", kind="rec", params={}, requested_by="api"
+            )
 
-    async def finished() -> bool:
+        async def finished() -> bool:
+            run = await runs.get(pool, run_id)
+            return run is not None and run["status"] == "succeeded"
+
+        await eventually(finished, timeout=3.0)
         run = await runs.get(pool, run_id)
-        return run is not None and run["status"] == "succeeded"
-
-    await eventually(finished, timeout=3.0)
-    run = await runs.get(pool, run_id)
-    assert run is not None
-    assert run["worker_id"] == "leader-pod"
-    assert run["trigger"] == "manual"
-    assert run["slot"] is None
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        assert run is not None
+        assert run["worker_id"] == "leader-pod"
+        assert run["trigger"] == "manual"
+        assert run["slot"] is None
 
 
 async def test_cancelled_leader_marks_its_runs_abandoned(
@@ -188,24 +205,21 @@ async def test_run_timeout_and_failure_are_recorded(
     toml = MANUAL_ONLY.replace('kind = "rec"', 'kind = "rec"\ntimeout = "0.3s"\noverlap = "allow"')
     settings = settings_with_jobs(tmp_path, toml)
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": RecordingJob()})
-    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
-    slow = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 5})
-    bad = await runs.enqueue(pool, job="on-demand", kind="rec", params={"fail": True})
+    async with leading(leader, await grant_for(redis, key_prefix, "me")):
+        slow = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 5})
+        bad = await runs.enqueue(pool, job="on-demand", kind="rec", params={"fail": True})
 
-    async def both_done() -> bool:
-        rows = [await runs.get(pool, slow), await runs.get(pool, bad)]
-        return all(r is not None and r["status"] in runs.FINAL for r in rows)
+        async def both_done() -> bool:
+            rows = [await runs.get(pool, slow), await runs.get(pool, bad)]
+            return all(r is not None and r["status"] in runs.FINAL for r in rows)
 
-    await eventually(both_done)
-    slow_run, bad_run = await runs.get(pool, slow), await runs.get(pool, bad)
-    assert slow_run is not None
-    assert bad_run is not None
-    assert (slow_run["status"], slow_run["error"]) == ("failed", "timed out after 0.3s")
-    assert bad_run["status"] == "failed"
-    assert "asked to fail" in bad_run["error"]
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        await eventually(both_done)
+        slow_run, bad_run = await runs.get(pool, slow), await runs.get(pool, bad)
+        assert slow_run is not None
+        assert bad_run is not None
+        assert (slow_run["status"], slow_run["error"]) == ("failed", "timed out after 0.3s")
+        assert bad_run["status"] == "failed"
+        assert "asked to fail" in bad_run["error"]
 
 
 async def test_leader_reaps_its_own_run_whose_end_was_not_recorded(
@@ -214,25 +228,25 @@ async def test_leader_reaps_its_own_run_whose_end_was_not_recorded(
     settings = settings_with_jobs(tmp_path, MANUAL_ONLY, reap_after=1.0)
     grant = await grant_for(redis, key_prefix, "me")
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": RecordingJob()})
-    task = asyncio.create_task(leader.run(grant))
-    await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
-    # A run of this very term that no longer executes (say Postgres blinked as it ended).
-    orphan = await pool.fetchval(
-        "INSERT INTO runs (job, kind, trigger, status, token, started_at, heartbeat_at)"
-        " VALUES ('on-demand', 'rec', 'manual', 'running', $1, now(), now() - interval '1 hour')"
-        " RETURNING id",
-        grant.token,
-    )
+    async with leading(leader, grant):
+        await eventually(lambda: pool.fetchval("SELECT count(*) FROM leader_terms"))
+        # A run of this very term that no longer executes (say Postgres blinked as it ended).
+        orphan = await pool.fetchval(
+            "INSERT INTO runs (job, kind, trigger, status, token, started_at, heartbeat_at)"
+            " VALUES ('on-demand', 'rec', 'manual', 'running', $1, now(),"
+            " now() - interval '1 hour')"
+            " RETURNING id",
+            grant.token,
+        )
 
-    async def reaped() -> bool:
-        return await pool.fetchval("SELECT status FROM runs WHERE id = $1", orphan) == "abandoned"
+        async def reaped() -> bool:
+            return (
+                await pool.fetchval("SELECT status FROM runs WHERE id = $1", orphan) == "abandoned"
+            )
 
-    await eventually(reaped, timeout=5.0)
-    error = await pool.fetchval("SELECT error FROM runs WHERE id = $1", orphan)
-    assert "could not be recorded" in error
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        await eventually(reaped, timeout=5.0)
+        error = await pool.fetchval("SELECT error FROM runs WHERE id = $1", orphan)
+        assert "could not be recorded" in error
 
 
 async def test_winning_the_lease_without_a_database_steps_down(
@@ -285,25 +299,25 @@ async def test_cancel_stops_a_running_run_and_drops_a_queued_one(
     settings = settings_with_jobs(tmp_path, MANUAL_ONLY)
     job = RecordingJob()
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
-    task = asyncio.create_task(leader.run(await grant_for(redis, key_prefix, "me")))
-    long_run = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 60})
-    waiting = await runs.enqueue(pool, job="on-demand", kind="rec", params={})  # overlap=forbid
-    await eventually(lambda: job.runs)
-    async with db.open_pool(database_url) as other:  # the request comes from another replica
-        assert await runs.request_cancel(other, waiting, by="test") == "queued"
-        assert await runs.request_cancel(other, long_run, by="test") == "running"
+    async with leading(leader, await grant_for(redis, key_prefix, "me")):
+        long_run = await runs.enqueue(pool, job="on-demand", kind="rec", params={"sleep": 60})
+        waiting = await runs.enqueue(pool, job="on-demand", kind="rec", params={})  # overlap=forbid
+        await eventually(lambda: job.runs)
+        async with db.open_pool(database_url) as other:  # the request comes from another replica
+            assert await runs.request_cancel(other, waiting, by="test") == "queued"
+            assert await runs.request_cancel(other, long_run, by="test") == "running"
 
-    async def stopped() -> bool:
-        return await pool.fetchval("SELECT status FROM runs WHERE id = $1", long_run) == "cancelled"
+        async def stopped() -> bool:
+            return (
+                await pool.fetchval("SELECT status FROM runs WHERE id = $1", long_run)
+                == "cancelled"
+            )
 
-    await eventually(stopped, timeout=5.0)
-    assert [ctx.run_id for ctx in job.runs] == [long_run]  # the queued one never started
-    rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, error FROM runs")}
-    assert rows[waiting]["status"] == "cancelled"
-    assert rows[long_run]["error"] == "cancelled on request"
-    assert await runs.request_cancel(pool, long_run, by="test") == "cancelled"  # ended: no-op
-    await asyncio.sleep(2.5)  # a reaper pass: cancelled runs are not resumed
-    assert await pool.fetchval("SELECT count(*) FROM runs WHERE trigger = 'resume'") == 0
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        await eventually(stopped, timeout=5.0)
+        assert [ctx.run_id for ctx in job.runs] == [long_run]  # the queued one never started
+        rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, error FROM runs")}
+        assert rows[waiting]["status"] == "cancelled"
+        assert rows[long_run]["error"] == "cancelled on request"
+        assert await runs.request_cancel(pool, long_run, by="test") == "cancelled"  # ended: no-op
+        await asyncio.sleep(2.5)  # a reaper pass: cancelled runs are not resumed
+        assert await pool.fetchval("SELECT count(*) FROM runs WHERE trigger = 'resume'") == 0
