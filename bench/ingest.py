@@ -120,60 +120,51 @@ def start_sandbox(items: int) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}/emag/ro/api-3"
 
 
+def as_row(it: Item) -> tuple[object, ...]:
+    raw = orjson.dumps(it.raw, option=orjson.OPT_SORT_KEYS)
+    return (
+        "emag",
+        "bench",
+        it.external_id,
+        it.name,
+        it.sku,
+        it.ean,
+        it.price,
+        it.currency,
+        it.stock,
+        it.status,
+        it.url,
+        raw.decode(),
+        hashlib.blake2b(raw, digest_size=16).digest(),
+    )
+
+
 async def naive_and_copy(items: list[Item], sample: int) -> tuple[float, float]:
     """Items/s of a per-row INSERT … ON CONFLICT loop and of a bare COPY."""
+    rows = [as_row(it) for it in items]  # the same rows for both, encoded as the sync does
     conn = await asyncpg.connect(DSN)
     try:
         await conn.execute("DROP TABLE IF EXISTS naive_products")
         await conn.execute("CREATE TABLE naive_products (LIKE products INCLUDING ALL)")
         started = time.perf_counter()
-        for it in items[:sample]:
-            raw = orjson.dumps(it.raw, option=orjson.OPT_SORT_KEYS)
+        for row in rows[:sample]:
             await conn.execute(
                 "INSERT INTO naive_products (source, account, external_id, name, sku, ean,"
                 " price, currency, stock, status, url, raw, hash)"
-                " VALUES ('emag', 'naive', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb,"
-                " $11) ON CONFLICT (source, account, external_id) DO UPDATE"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13)"
+                " ON CONFLICT (source, account, external_id) DO UPDATE"
                 " SET name = EXCLUDED.name, price = EXCLUDED.price, raw = EXCLUDED.raw",
-                it.external_id,
-                it.name,
-                it.sku,
-                it.ean,
-                it.price,
-                it.currency,
-                it.stock,
-                it.status,
-                it.url,
-                raw.decode(),
-                hashlib.blake2b(raw, digest_size=16).digest(),
+                *row,
             )
         naive = sample / (time.perf_counter() - started)
         await conn.execute("TRUNCATE naive_products")
-        records = [
-            (
-                "emag",
-                "copy",
-                it.external_id,
-                it.name,
-                it.sku,
-                it.ean,
-                it.price,
-                it.currency,
-                it.stock,
-                it.status,
-                it.url,
-                orjson.dumps(it.raw).decode(),
-                b"0123456789abcdef",
-            )
-            for it in items
-        ]
         await conn.execute(
             "CREATE TEMP TABLE copy_stage (source text, account text, external_id text,"
             " name text, sku text, ean text, price numeric, currency text, stock integer,"
             " status text, url text, raw text, hash bytea)"
         )
         started = time.perf_counter()
-        await conn.copy_records_to_table("copy_stage", records=records)
+        await conn.copy_records_to_table("copy_stage", records=rows)
         await conn.execute(
             "INSERT INTO naive_products (source, account, external_id, name, sku, ean, price,"
             " currency, stock, status, url, raw, hash) SELECT source, account, external_id,"
