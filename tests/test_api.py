@@ -234,7 +234,7 @@ async def some_runs(pool: db.Pool) -> dict[str, int]:
         ids[name] = await runs.enqueue(pool, job=job, kind="http", params={})
         if name == "poke_done":
             async with pool.acquire() as conn:
-                started = await runs.start_queued(conn, token=1, worker_id="w", skip_jobs=[])
+                started = await runs.start_queued(conn, token=1, worker_id="w", forbid=[])
                 assert started is not None
                 assert started["id"] == ids[name]
                 await runs.finish(conn, ids[name], status="succeeded", result={"ok": True})

@@ -58,7 +58,13 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
     def on_stray_error(_: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         # An exception nobody awaited is a bug: log it with its context and stop the
         # replica (exit 1 after a clean shutdown) rather than run on half-broken.
+        # A library's report without an exception is not a crash: asyncpg says
+        # "Resetting connection with an active transaction" when a leader frozen inside
+        # a transaction wakes up and its connection goes back to the pool.
         error = context.get("exception")
+        if error is None:
+            log.warning("event loop report: %s", context.get("message"))
+            return
         log.critical(
             "unhandled error: %s",
             context.get("message"),
@@ -72,7 +78,9 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
     loop.set_exception_handler(on_stray_error)
     async with (
         open_redis(settings.redis_url) as redis,
-        db.open_pool(settings.database_url, timeout=settings.db_timeout) as pool,
+        db.open_pool(
+            settings.database_url, timeout=settings.db_timeout, hold=settings.lease.ttl
+        ) as pool,
         open_upstream(limiter=RateLimiter()) as upstream,
     ):
         async with pool.acquire() as conn:

@@ -23,6 +23,10 @@ Role = Literal["all", "http", "scheduler"]
 ROLES: tuple[Role, ...] = ("all", "http", "scheduler")
 
 
+# The least share of the lease TTL kept between the renew deadline and expiry.
+STOP_ROOM = 0.15
+
+
 @dataclass(frozen=True)
 class LeaseSettings:
     """Timing of the Redis lease; validated so that ttl > renew_deadline > retry."""
@@ -49,6 +53,17 @@ class LeaseSettings:
                 "WORKER_LEASE_TTL / WORKER_LEASE_RENEW_DEADLINE / WORKER_LEASE_RETRY: need "
                 f"ttl > renew_deadline > retry > 0, got {self.ttl:g} > {self.deadline:g} > "
                 f"{self.retry_period:g}"
+            )
+        # A leader that missed its deadline cancels its work then; the lease must still
+        # be its own for as long as that takes (a retry period at least, and a share of
+        # the TTL for the event loop to get round to it on a loaded machine).
+        room = max(self.retry_period, self.ttl * STOP_ROOM)
+        if self.ttl - self.deadline < room:
+            raise ConfigError(
+                "WORKER_LEASE_RENEW_DEADLINE: leave room to stop leader work before the lease"
+                f" expires: ttl - renew_deadline must be at least {room:g}s (the retry period"
+                f" or {STOP_ROOM:.0%} of the ttl), got {self.ttl:g} - {self.deadline:g};"
+                f" try WORKER_LEASE_RENEW_DEADLINE={self.ttl - room:g} or less"
             )
 
 

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 # Any constant works; it only has to be the same in every replica.
 MIGRATION_LOCK = 0x5F3C_0001
 NOTIFY_CHANNEL = "worker_runs"
+APPLICATION_NAME = "sync-worker"
+# How long a new leader's raise waits for the fence lock before it ends the sessions
+# of older terms that hold it (a frozen leader inside a fenced transaction).
+RAISE_LOCK_WAIT = 0.5
 
 Pool: TypeAlias = asyncpg.Pool
 Connection: TypeAlias = asyncpg.Connection
@@ -36,13 +40,56 @@ async def _init_connection(conn: Connection) -> None:
         )
 
 
+class BoundedPool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg ships no types
+    """A pool whose every acquire (including those inside `fetch`, `execute`, …) has a
+    timeout: a pool exhausted by stuck connections raises TimeoutError, never hangs."""
+
+    acquire_timeout: float = 10.0
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
+def session_bounds(*, timeout: float, hold: float | None) -> dict[str, str]:
+    """Server-side settings for every connection of the pool.
+
+    `statement_timeout` ends a statement the server is still running after `timeout`
+    (the client-side timeout alone leaves it running). `hold` bounds how long a
+    session may sit idle inside a transaction: a leader frozen (SIGSTOP, GC pause)
+    between two statements of a fenced transaction keeps its lock on the fence row
+    only that long. TCP keepalives let the server notice a peer that vanished (a
+    cut network, a dead host) instead of holding its locks until the kernel gives up.
+    """
+    settings = {
+        "application_name": APPLICATION_NAME,
+        "statement_timeout": str(int(timeout * 1000) + 1000),
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+    }
+    if hold is not None:
+        settings["idle_in_transaction_session_timeout"] = str(max(int(hold * 1000), 500))
+    return settings
+
+
 @asynccontextmanager
 async def open_pool(
-    dsn: str, *, timeout: float = 10.0, min_size: int = 1, max_size: int = 10
+    dsn: str,
+    *,
+    timeout: float = 10.0,
+    min_size: int = 1,
+    max_size: int = 10,
+    hold: float | None = None,
 ) -> AsyncIterator[Pool]:
-    """A pool whose every statement and acquire has a timeout."""
+    """A pool whose every statement and acquire has a timeout.
+
+    `hold`: the longest a session may sit idle inside a transaction (the lease TTL
+    for a replica, so a frozen leader's locks go with its lease).
+    """
     try:
-        pool = await _create_pool(dsn, timeout=timeout, min_size=min_size, max_size=max_size)
+        pool = await _create_pool(
+            dsn, timeout=timeout, min_size=min_size, max_size=max_size, hold=hold
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unreachable(
             f"cannot reach Postgres at {where(dsn)} (DATABASE_URL): {type(exc).__name__}: {exc}"
@@ -53,17 +100,62 @@ async def open_pool(
         await pool.close()
 
 
-async def _create_pool(dsn: str, *, timeout: float, min_size: int, max_size: int) -> Pool:
-    pool: Pool = await asyncpg.create_pool(
+async def _create_pool(
+    dsn: str, *, timeout: float, min_size: int, max_size: int, hold: float | None
+) -> Pool:
+    pool = BoundedPool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        setup=None,
+        init=_init_connection,
+        reset=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         timeout=timeout,
         command_timeout=timeout,
-        init=_init_connection,
-        server_settings={"application_name": "sync-worker"},
+        server_settings=session_bounds(timeout=timeout, hold=hold),
     )
+    pool.acquire_timeout = timeout
+    await pool
     return pool
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> Connection:
+    """One connection outside the pool (e.g. for LISTEN), with the same bounds."""
+    conn: Connection = await asyncpg.connect(
+        dsn,
+        timeout=timeout,
+        command_timeout=timeout,
+        server_settings=session_bounds(timeout=timeout, hold=None),
+    )
+    await _init_connection(conn)
+    return conn
+
+
+# SQLSTATE classes of errors that say nothing about the statement itself: the
+# connection, the server or a concurrent transaction. Retrying can succeed.
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+_TRANSIENT_STATES = {"55P03", "55006"}  # lock_not_available, object_in_use
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying (a lost connection, a restart, a timeout, a
+    deadlock); False for deterministic ones (bad data, a constraint, a syntax error)."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    return False
+
+
+# Everything a database call can raise that is not a bug of ours; callers catch this
+# and then ask is_transient() whether to retry or to fail.
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def where(url: str) -> str:
@@ -86,6 +178,8 @@ def _migrations() -> list[tuple[int, str, str]]:
 async def migrate(conn: Connection) -> list[str]:
     """Apply pending migrations under an advisory lock; return the names applied."""
     applied: list[str] = []
+    # A migration may run longer than any statement of the worker's own.
+    await conn.execute("SET statement_timeout = 0")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(
@@ -108,6 +202,7 @@ async def migrate(conn: Connection) -> list[str]:
             applied.append(name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await conn.execute("RESET statement_timeout")
     return applied
 
 
@@ -167,9 +262,35 @@ async def fenced(pool: Pool, token: int) -> AsyncIterator[Connection]:
         yield conn
 
 
-async def raise_fence(pool: Pool, *, token: int, holder: str) -> None:
-    """Claim the fence for a new term and record it; Fenced if a newer term exists."""
+async def raise_fence(
+    pool: Pool, *, token: int, holder: str, lock_wait: float = RAISE_LOCK_WAIT
+) -> list[int]:
+    """Claim the fence for a new term and record it; Fenced if a newer term exists.
+
+    A predecessor frozen inside a fenced transaction still holds the fence row FOR
+    SHARE, and would hold the raise hostage for as long as it stays frozen. So the
+    raise waits `lock_wait` for the lock, then ends the sessions that hold it (they
+    read the fence under an older token: it is below ours, or we would not be
+    raising), and tries again. Returns the backend pids it ended.
+    """
+    ended: list[int] = []
+    for _ in range(5):
+        current = await pool.fetchval("SELECT token FROM fence WHERE id = 1")
+        if current is not None and current >= token:
+            raise Fenced(token, current)
+        try:
+            await _raise(pool, token=token, holder=holder, lock_wait=lock_wait)
+            return ended
+        except asyncpg.LockNotAvailableError:
+            pids = await _end_fence_holders(pool)
+            ended.extend(pids)
+            log.warning("fence held by an older term's session(s) %s: ended them", pids or "(gone)")
+    raise Fenced(token, await pool.fetchval("SELECT token FROM fence WHERE id = 1"))
+
+
+async def _raise(pool: Pool, *, token: int, holder: str, lock_wait: float) -> None:
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = {max(int(lock_wait * 1000), 1)}")
         row = await conn.fetchrow(
             "UPDATE fence SET token = $1, holder = $2, raised_at = now()"
             " WHERE id = 1 AND token < $1 RETURNING token",
@@ -187,6 +308,23 @@ async def raise_fence(pool: Pool, *, token: int, holder: str) -> None:
         await conn.execute(
             "INSERT INTO leader_terms (token, holder) VALUES ($1, $2)", token, holder
         )
+
+
+async def _end_fence_holders(pool: Pool) -> list[int]:
+    """End the sessions holding a lock on the fence table (a fenced transaction).
+
+    Only our own kind of session (same application name, same database) is ended;
+    that needs the same database role or pg_signal_backend.
+    """
+    rows = await pool.fetch(
+        "SELECT l.pid, pg_terminate_backend(l.pid) AS ended FROM pg_locks l"
+        " JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'relation' AND l.relation = 'fence'::regclass AND l.granted"
+        " AND l.mode = 'RowShareLock' AND l.pid <> pg_backend_pid()"
+        " AND a.application_name = $1 AND a.datname = current_database()",
+        APPLICATION_NAME,
+    )
+    return [int(r["pid"]) for r in rows if r["ended"]]
 
 
 async def end_term(pool: Pool, *, token: int, reason: str) -> None:

@@ -87,6 +87,9 @@ class Elector:
             while not stop.is_set():
                 # Cleared before asking, so a release announced while we ask still wakes us.
                 self._wake.clear()
+                # The lease's TTL starts when Redis runs the script, after we send it: a
+                # term's clock starts at the send, never at the (later) reply.
+                sent = self._now()
                 try:
                     grant, pttl_ms = await asyncio.wait_for(
                         self.lease.acquire(
@@ -104,7 +107,7 @@ class Elector:
                         wait = min(wait, pttl_ms / 1000)
                     await self._pause(stop, wait)
                     continue
-                reason = await self._lead(grant, stop)
+                reason = await self._lead(grant, stop, sent=sent)
                 if reason != "shutdown" and not stop.is_set():
                     # Let another replica have a go before campaigning again.
                     await self._pause(stop, self.settings.retry_period, wakeable=False)
@@ -113,9 +116,9 @@ class Elector:
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
 
-    async def _lead(self, grant: Grant, stop: asyncio.Event) -> str:
+    async def _lead(self, grant: Grant, stop: asyncio.Event, *, sent: float) -> str:
         """Lead until something ends the term; returns why it ended."""
-        self.last_renew = self._now()
+        self.last_renew = sent
         self.state = Leadership(leader=True, token=grant.token, since=grant.since)
         metrics.LEADER.set(1)
         metrics.LEADER_TOKEN.set(grant.token)
@@ -138,30 +141,26 @@ class Elector:
         return reason
 
     async def _hold(self, grant: Grant, stop: asyncio.Event, work: asyncio.Task[None]) -> str:
+        """Renew until the term ends. Leader work is stopped no later than `deadline`
+        after the *send* time of the last successful renew, whatever Redis does: every
+        wait below ends by then."""
         stopping = asyncio.create_task(stop.wait(), name="stop-wait")
         try:
             next_renew = self.last_renew + self.settings.renew_every
             while True:
-                timeout = max(0.0, next_renew - self._now())
+                must_stop = self.last_renew + self.settings.deadline
+                timeout = max(0.0, min(next_renew, must_stop) - self._now())
                 await asyncio.wait({stopping, work}, timeout=timeout, return_when="FIRST_COMPLETED")
                 if stop.is_set():
                     return "shutdown"
                 if work.done():
-                    if work.cancelled():
-                        return "leader work cancelled"
-                    exc = work.exception()
-                    if exc is None:
-                        return "leader work ended"
-                    if isinstance(exc, StepDown):
-                        if exc.fence is not None and exc.fence >= grant.token:
-                            await self._catch_up_epoch(exc.fence)
-                        return f"leader work stepped down: {exc}"
-                    raise exc
+                    return await self._work_ended(grant, work)
                 # Checked before renewing: after a freeze (GC, SIGSTOP) the deadline
                 # may already be gone even though a renew might still succeed.
-                left = self.settings.deadline - (self._now() - self.last_renew)
+                left = must_stop - self._now()
                 if left <= 0:
                     return "renew deadline missed"
+                sent = self._now()
                 try:
                     renewed = await asyncio.wait_for(
                         self.lease.renew(grant, ttl=self.settings.ttl), timeout=left
@@ -169,15 +168,27 @@ class Elector:
                 except (RedisError, OSError, TimeoutError) as exc:
                     metrics.LEASE_RENEW_FAILURES.inc()
                     log.warning("lease renew failed: %s", exc, extra={"token": grant.token})
-                    next_renew = self._now() + min(self.settings.retry_period, max(left, 0.01))
+                    next_renew = self._now() + self.settings.retry_period
                     continue
                 if not renewed:
                     metrics.LEASE_RENEW_FAILURES.inc()
                     return "lease lost"
-                self.last_renew = self._now()
-                next_renew = self.last_renew + self.settings.renew_every
+                self.last_renew = sent
+                next_renew = sent + self.settings.renew_every
         finally:
             stopping.cancel()
+
+    async def _work_ended(self, grant: Grant, work: asyncio.Task[None]) -> str:
+        if work.cancelled():
+            return "leader work cancelled"
+        exc = work.exception()
+        if exc is None:
+            return "leader work ended"
+        if isinstance(exc, StepDown):
+            if exc.fence is not None and exc.fence >= grant.token:
+                await self._catch_up_epoch(exc.fence)
+            return f"leader work stepped down: {exc}"
+        raise exc
 
     async def _catch_up_epoch(self, fence: int) -> None:
         """The fence is ahead of Redis' token counter (Redis lost it): move the counter past

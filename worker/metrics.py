@@ -22,6 +22,19 @@ RUN_DURATION = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200),
 )
 MISSED_SLOTS = Counter("worker_missed_slots_total", "Slots recorded as missed", ["job"])
+PLANNING_ERRORS = Counter(
+    "worker_planning_errors_total", "Ticks at which a job's slots could not be planned", ["job"]
+)
+RUNS_GIVEN_UP = Counter(
+    "worker_runs_given_up_total",
+    "Resumable runs given up for good after their last failed attempt",
+    ["job"],
+)
+RUNS_SUPERSEDED = Counter(
+    "worker_runs_superseded_total",
+    "Resumes dropped because a newer complete pass of the job finished first",
+    ["job"],
+)
 RUNS_ACTIVE = Gauge("worker_runs_active", "Runs executing in this replica")
 UPSTREAM_REQUESTS = Counter(
     "worker_upstream_requests_total",

@@ -12,15 +12,16 @@ from typing import Any
 
 from .config import JobSpec
 from .db import NOTIFY_CHANNEL, Connection, Pool, jsonable
+from .logs import redact
 
 ACTIVE = ("queued", "running")
-FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed")
+FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed", "superseded")
 STATUSES = ACTIVE + FINAL
 
 _COLUMNS = (
     "id, job, kind, slot, trigger, status, token, attempt, params, cursor, progress, stats,"
     " result, error, resumed_from, requested_by, worker_id, heartbeat_at, created_at,"
-    " started_at, finished_at, cancel_requested_at"
+    " started_at, finished_at, cancel_requested_at, handed_off, given_up_at"
 )
 
 
@@ -112,20 +113,82 @@ async def enqueue(
 
 
 async def start_queued(
-    conn: Connection, *, token: int, worker_id: str, skip_jobs: Iterable[str]
+    conn: Connection, *, token: int, worker_id: str, forbid: Iterable[str]
 ) -> dict[str, Any] | None:
-    """Take the oldest queued run whose job is not in `skip_jobs` and mark it running."""
+    """Take the oldest queued run that may start and mark it running.
+
+    A run of a job in `forbid` (overlap = forbid) may start only when the ledger holds
+    no running run of that job, whatever term started it: after a failover the old
+    term's run is still `running` until it is reaped, and nothing may overlap it.
+    """
     row = await conn.fetchrow(
         "UPDATE runs SET status = 'running', token = $1, worker_id = $2, started_at = now(),"
         " heartbeat_at = now() WHERE id = ("
-        "   SELECT id FROM runs WHERE status = 'queued' AND NOT (job = ANY($3::text[]))"
-        "   ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        "   SELECT q.id FROM runs q WHERE q.status = 'queued' AND NOT ("
+        "     q.job = ANY($3::text[]) AND EXISTS ("
+        "       SELECT 1 FROM runs o WHERE o.job = q.job AND o.status = 'running'))"
+        "   ORDER BY q.id LIMIT 1 FOR UPDATE SKIP LOCKED)"
         f" RETURNING {_COLUMNS}",
         token,
         worker_id,
-        list(skip_jobs),
+        list(forbid),
     )
     return dict(row) if row else None
+
+
+async def busy_jobs(conn: Connection) -> set[str]:
+    """Jobs with a queued or running run in the ledger, whatever term it belongs to."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT job FROM runs WHERE status = 'queued' OR status = 'running'"
+    )
+    return {r["job"] for r in rows}
+
+
+async def supersede_if_overtaken(conn: Connection, run_id: int) -> int | None:
+    """Drop a resume whose pass a newer complete pass of its job has overtaken.
+
+    The pass began with the first run of the resume chain; a run of the same job that
+    succeeded after that start saw a newer catalogue, so resuming the older pass would
+    only fetch old pages again (and could mark gone what the newer pass saw). Returns
+    the newer run's id when the resume was recorded as `superseded`.
+    """
+    newer: int | None = await conn.fetchval(
+        "WITH RECURSIVE chain(id, resumed_from) AS ("
+        "  SELECT id, resumed_from FROM runs WHERE id = $1"
+        "  UNION ALL SELECT r.id, r.resumed_from FROM runs r JOIN chain c ON r.id = c.resumed_from"
+        ") SELECT max(s.id) FROM runs s, runs me"
+        " WHERE me.id = $1 AND s.job = me.job AND s.status = 'succeeded'"
+        " AND s.id > (SELECT min(id) FROM chain) AND NOT s.id IN (SELECT id FROM chain)",
+        run_id,
+    )
+    if newer is None:
+        return None
+    await conn.execute(
+        "UPDATE runs SET status = 'superseded', finished_at = now(),"
+        " error = 'superseded by run ' || $2::bigint || ', a newer complete pass'"
+        " WHERE id = $1",
+        run_id,
+        newer,
+    )
+    return newer
+
+
+async def set_job_error(conn: Connection, job: str, error: str | None) -> None:
+    """Record (or clear, with None) why the scheduler could not plan `job`."""
+    await conn.execute(
+        "INSERT INTO job_state (job, error, error_at) VALUES ($1, $2,"
+        " CASE WHEN $2::text IS NULL THEN NULL ELSE now() END)"
+        " ON CONFLICT (job) DO UPDATE SET error = EXCLUDED.error, error_at = EXCLUDED.error_at"
+        " WHERE job_state.error IS DISTINCT FROM EXCLUDED.error",
+        job,
+        error,
+    )
+
+
+async def job_errors(pool: Pool) -> dict[str, dict[str, Any]]:
+    """Jobs whose planning is failing: {job: {error, error_at}}."""
+    rows = await pool.fetch("SELECT job, error, error_at FROM job_state WHERE error IS NOT NULL")
+    return {r["job"]: {"error": r["error"], "error_at": r["error_at"]} for r in rows}
 
 
 async def heartbeat(conn: Connection, run_ids: list[int]) -> None:
@@ -164,15 +227,19 @@ async def finish(
     status: str,
     error: str | None = None,
     result: Any = None,
-) -> None:
-    await conn.execute(
-        "UPDATE runs SET status = $2, error = $3, result = $4, finished_at = now()"
-        " WHERE id = $1 AND status = 'running'",
+    handed_off: bool = False,
+) -> bool:
+    """Record a run's end; False if it was no longer running (already recorded)."""
+    done: str = await conn.execute(
+        "UPDATE runs SET status = $2, error = $3, result = $4, handed_off = $5,"
+        " finished_at = now() WHERE id = $1 AND status = 'running'",
         run_id,
         status,
         error,
         result,
+        handed_off,
     )
+    return done.split()[-1] != "0"
 
 
 async def reap(
@@ -201,29 +268,55 @@ async def reap(
 
 
 async def queue_resumes(
-    conn: Connection, *, kinds: list[str], max_attempts: int, within: float = 86400.0
+    conn: Connection,
+    *,
+    kinds: list[str],
+    max_attempts: int,
+    within: float = 86400.0,
+    only: list[int] | None = None,
 ) -> list[tuple[int, int]]:
     """Queue a `resume` run for each recently abandoned resumable run not yet resumed.
 
     The new run starts from the abandoned run's last committed cursor and carries its
-    stats, so nothing committed is fetched again. Returns (new id, abandoned id) pairs.
+    stats, so nothing committed is fetched again. A run handed off (its leader shut
+    down or stepped down) is always resumed and keeps its attempt number; a run that
+    failed (its leader died, the database dropped it) spends one of `max_attempts`.
+    `only` limits it to those run ids. Returns (new id, abandoned id) pairs.
     """
     rows = await conn.fetch(
         "INSERT INTO runs (job, kind, trigger, status, params, cursor, stats, attempt,"
         " resumed_from, requested_by)"
         " SELECT r.job, r.kind, 'resume', 'queued', r.params, r.cursor, r.stats,"
-        " r.attempt + 1, r.id, 'reaper' FROM runs r"
-        " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[]) AND r.attempt < $2"
+        " r.attempt + CASE WHEN r.handed_off THEN 0 ELSE 1 END, r.id, 'reaper' FROM runs r"
+        " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[])"
+        " AND (r.handed_off OR r.attempt < $2) AND r.given_up_at IS NULL"
         " AND r.finished_at > now() - make_interval(secs => $3)"
+        " AND ($4::bigint[] IS NULL OR r.id = ANY($4::bigint[]))"
         " AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.resumed_from = r.id)"
         " ORDER BY r.id RETURNING id, resumed_from",
         kinds,
         max_attempts,
         within,
+        only,
     )
     if rows:
         await conn.execute("SELECT pg_notify($1, 'resume')", NOTIFY_CHANNEL)
     return [(int(r["id"]), int(r["resumed_from"])) for r in rows]
+
+
+async def give_up(conn: Connection, *, kinds: list[str], max_attempts: int) -> list[dict[str, Any]]:
+    """Mark resume chains that ran out of attempts as given up, once; returns them."""
+    rows = await conn.fetch(
+        "UPDATE runs r SET given_up_at = now(), error = coalesce(r.error, 'abandoned')"
+        " || ' (given up after ' || r.attempt || ' failed attempts: nothing continues it)'"
+        " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[]) AND NOT r.handed_off"
+        " AND r.attempt >= $2 AND r.given_up_at IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.resumed_from = r.id)"
+        f" RETURNING {_COLUMNS}",
+        kinds,
+        max_attempts,
+    )
+    return [dict(r) for r in rows]
 
 
 async def prune(conn: Connection, *, keep: float) -> int:
@@ -288,6 +381,8 @@ async def cancel_requested(pool: Pool, run_ids: list[int]) -> list[int]:
 
 
 async def get(pool: Pool, run_id: int) -> dict[str, Any] | None:
+    if not 0 < run_id < 2**63:
+        return None  # ids are bigint: no such run, and Postgres would refuse the query
     row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM runs WHERE id = $1", run_id)
     return dict(row) if row else None
 
@@ -318,14 +413,23 @@ async def last_runs(pool: Pool) -> dict[str, dict[str, Any]]:
 async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> list[dict[str, Any]]:
     """Each job's settings with its next slot and newest run (raw values)."""
     last = await last_runs(pool)
-    return [
-        {
-            **spec.describe(),
-            "next_slot": spec.schedule.next_after(now) if spec.schedule else None,
-            "last_run": last.get(spec.name),
-        }
-        for spec in specs
-    ]
+    errors = await job_errors(pool)
+    views = []
+    for spec in specs:
+        try:
+            next_slot = spec.schedule.next_after(now) if spec.schedule else None
+        except ValueError:
+            next_slot = None  # the schedule names no date ahead; planning_error says so
+        error = errors.get(spec.name)
+        views.append(
+            {
+                **spec.describe(),
+                "next_slot": next_slot,
+                "last_run": last.get(spec.name),
+                "planning_error": error["error"] if error else None,
+            }
+        )
+    return views
 
 
 def public_job(view: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,8 +443,12 @@ def public_job(view: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def public(run: Mapping[str, Any]) -> dict[str, Any]:
-    """A run as the API and CLI show it: times as ISO 8601, duration in seconds."""
+    """A run as the API and CLI show it: times as ISO 8601, duration in seconds, and
+    secrets redacted from its params, error and progress message."""
     out = jsonable(run)
+    for key in ("params", "error", "progress"):
+        if key in out:
+            out[key] = redact(out[key])
     started, finished = run.get("started_at"), run.get("finished_at")
     out["duration"] = (
         (finished - started).total_seconds()

@@ -35,9 +35,17 @@ class CronSchedule:
         self.with_seconds = len(fields) == 6
         self.tz = ZoneInfo(tz) if isinstance(tz, str) else tz
         try:
-            self._iter(datetime(2000, 1, 1))
+            it = self._iter(datetime(2000, 1, 1))
         except (ValueError, KeyError, TypeError) as exc:  # croniter's errors subclass ValueError
             raise ValueError(f"bad cron expression {expr!r}: {exc}") from None
+        try:
+            # Valid syntax can still name no real date ("0 0 30 2 *"): croniter only
+            # finds out when asked for a slot, which would be in the leader's loop.
+            it.get_next(datetime)
+        except ValueError:
+            raise ValueError(
+                f"cron {expr!r} never matches a real date (a day that its months do not have?)"
+            ) from None
 
     def _iter(self, start_local: datetime) -> croniter:
         return croniter(self.expr, start_local, second_at_beginning=self.with_seconds)
