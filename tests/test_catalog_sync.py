@@ -1,14 +1,18 @@
 """The catalogue store and the generic sync job, against real Postgres and the sandbox.
 
-The helpers at the top (a sandbox on a local port, one run of a job without the
-scheduler, the products table as a dict) are shared with test_emag.py and test_ebay.py.
+Every run here is queued as `worker trigger` queues it (`runs.enqueue`) and run by a
+real leader term (`Leader.run`), which starts it, records its end and resumes it; the
+store tests call `catalog` directly. The helpers at the top (a sandbox on a local
+port, a leader term, one run of a job, the products table as a dict) are shared with
+test_emag.py, test_ebay.py and test_catalog_faults.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,25 +26,26 @@ from redis.asyncio import Redis
 
 from worker import catalog, db, runs
 from worker.catalog import Item
-from worker.config import JobSpec
-from worker.context import RunContext
-from worker.jobs.catalog import CatalogJob
+from worker.config import JobSpec, Settings
+from worker.context import JobKind, RunContext
 from worker.jobs.marketplaces import EbayCatalogJob, EmagOffersJob
-from worker.lease import Lease
+from worker.lease import Grant, Lease
 from worker.sandbox import REQUESTS, SANDBOX, RequestRecord, Sandbox, SandboxConfig, build_app
 from worker.sandbox.state import Clock
 from worker.scheduler import Leader
 from worker.upstream import RetryPolicy, Upstream, open_upstream
 
+from .conftest import dsn_for
 from .helpers import eventually, settings_with_jobs
 
 QUICK = RetryPolicy(attempts=3, base=0.01)
-TOKEN = 1  # the fence token the runs of these tests write under
+TOKEN = 1  # the fence token the store tests write under
 EMAG_USER_ENV = "TEST_EMAG_USER"
 EMAG_PASSWORD_ENV = "TEST_EMAG_PASSWORD"
 EBAY_ID_ENV = "TEST_EBAY_CLIENT_ID"
 EBAY_SECRET_ENV = "TEST_EBAY_CLIENT_SECRET"
 KIND_NAMES = {EmagOffersJob: "emag.offers", EbayCatalogJob: "ebay.catalog"}
+RUN_BOUND = 60.0  # seconds any one run of these tests may take, slow machines included
 
 
 # -- shared helpers -------------------------------------------------------------
@@ -126,7 +131,7 @@ def ebay_params(
 
 @dataclass
 class Outcome:
-    """One finished run: what the job returned or raised, and its row afterwards."""
+    """One finished run: its result and error as the leader recorded them, and its row."""
 
     run_id: int
     result: Any
@@ -142,68 +147,93 @@ class Outcome:
         return self.row["cursor"]
 
 
+def kind_of(job: JobKind) -> str:
+    """The registered name of a catalogue job kind (subclasses included)."""
+    return next(name for cls, name in KIND_NAMES.items() if isinstance(job, cls))
+
+
+def job_spec(job: JobKind, params: Mapping[str, Any], *, name: str = "sync") -> JobSpec:
+    """A manual-only job of `job`'s kind, checked as loading the jobs file checks it."""
+    spec = JobSpec(name=name, kind=kind_of(job), schedule=None, params=dict(params))
+    job.check(spec)
+    return spec
+
+
+@contextlib.asynccontextmanager
+async def leading(
+    pool: db.Pool,
+    upstream: Upstream,
+    kinds: Mapping[str, JobKind],
+    jobs: Sequence[JobSpec],
+    **settings: Any,
+) -> AsyncIterator[Leader]:
+    """A real leader term over the test's database for the block, with the next token
+    above the fence (as the elector would grant it); ended as the elector ends it."""
+    token = int(await pool.fetchval("SELECT token FROM fence")) + 1
+    database = await pool.fetchval("SELECT current_database()")
+    config = Settings(
+        jobs=tuple(jobs),
+        database_url=dsn_for(database),
+        worker_id=f"leader-{token}",
+        **settings,
+    )
+    leader = Leader(settings=config, pool=pool, upstream=upstream, kinds=kinds)
+    grant = Grant(holder=config.worker_id, token=token, since="", address="", raw=b"")
+    task = asyncio.create_task(leader.run(grant), name=f"leader-{token}")
+    try:
+        yield leader
+    finally:
+        task.cancel("test over")
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def final(pool: db.Pool, run_id: int, timeout: float = RUN_BOUND) -> dict[str, Any]:
+    """The run's row once it has a final status."""
+
+    async def ended() -> dict[str, Any] | None:
+        row = await runs.get(pool, run_id)
+        return row if row is not None and row["status"] in runs.FINAL else None
+
+    row: dict[str, Any] = await eventually(ended, timeout=timeout)
+    return row
+
+
 async def sync(
     pool: db.Pool,
     upstream: Upstream,
-    job: CatalogJob,
+    job: JobKind,
     params: Mapping[str, Any],
     *,
     name: str = "sync",
     resume: Outcome | None = None,
 ) -> Outcome:
-    """One run of a catalogue job as the leader runs it, without the scheduler.
+    """One run of a catalogue job: queued, then started and ended by a real leader term.
 
-    With `resume`, the run continues that run: its cursor, stats and attempt + 1.
+    With `resume`, the run is queued as the reaper queues a resume of that run: its
+    cursor, its stats and attempt + 1.
     """
-    if await pool.fetchval("SELECT token FROM fence") < TOKEN:
-        await db.raise_fence(pool, token=TOKEN, holder="t")
-    kind = KIND_NAMES[type(job)]
-    spec = JobSpec(name=name, kind=kind, schedule=None, params=dict(params))
-    job.check(spec)  # what loading the jobs file would do
-    cursor = resume.cursor if resume else None
-    stats = resume.stats if resume else {}
-    attempt = resume.row["attempt"] + 1 if resume else 1
-    run_id = await pool.fetchval(
-        "INSERT INTO runs (job, kind, trigger, status, token, params, cursor, stats, attempt,"
-        " resumed_from, started_at, heartbeat_at)"
-        " VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, now(), now()) RETURNING id",
-        name,
-        kind,
-        "resume" if resume else "manual",
-        TOKEN,
-        spec.params,
-        cursor,
-        stats,
-        attempt,
-        resume.run_id if resume else None,
-    )
-    ctx = RunContext(
-        run_id=run_id,
-        job=spec,
-        token=TOKEN,
-        trigger="resume" if resume else "manual",
-        slot=None,
-        params=spec.params,
-        pool=pool,
-        upstream=upstream,
-        worker_id="t",
-        cursor=cursor,
-        attempt=attempt,
-        resumed_from=resume.run_id if resume else None,
-        stats=dict(stats),
-    )
-    result, error = None, None
-    try:
-        result = await job.run(ctx)
-    except Exception as exc:  # recorded as the leader records a failed run
-        error = f"{type(exc).__name__}: {exc}"
-    async with db.fenced(pool, TOKEN) as conn:
-        await runs.finish(
-            conn, run_id, status="failed" if error else "succeeded", error=error, result=result
+    spec = job_spec(job, params, name=name)
+    if resume is None:
+        run_id = await runs.enqueue(
+            pool, job=name, kind=spec.kind, params=spec.params, requested_by="test"
         )
-    row = await runs.get(pool, run_id)
-    assert row is not None
-    return Outcome(run_id, result, error, row)
+    else:
+        run_id = await runs.enqueue(
+            pool,
+            job=name,
+            kind=spec.kind,
+            params=spec.params,
+            trigger="resume",
+            requested_by="test",
+            resumed_from=resume.run_id,
+            cursor=resume.cursor,
+            attempt=resume.row["attempt"] + 1,
+        )
+        await pool.execute("UPDATE runs SET stats = $2 WHERE id = $1", run_id, resume.stats)
+    async with leading(pool, upstream, {spec.kind: job}, [spec]):
+        row = await final(pool, run_id)
+    return Outcome(run_id, row["result"], row["error"], row)
 
 
 async def products(pool: db.Pool, source: str, account: str) -> dict[str, dict[str, Any]]:
@@ -364,7 +394,8 @@ async def test_full_sync_lands_exactly_the_catalogue(
         "failed": 0,
         "gone": 0,
     }
-    assert out.cursor is None  # the last page's cursor: nothing left
+    # Not an empty cursor (which would read as "not started"): the pass is finished.
+    assert out.cursor == {"finished": True, "complete": True}
     assert out.row["progress"]["done"] == 45
     assert out.row["progress"]["total"] == 45
 
@@ -564,6 +595,7 @@ async def test_reaper_abandons_a_dead_leaders_run_and_queues_its_resume(
     aiohttp_server: AiohttpServer,
     tmp_path: Path,
     pool: db.Pool,
+    database_url: str,
     redis: Redis,
     key_prefix: str,
     upstream: Upstream,
@@ -592,7 +624,7 @@ async def test_reaper_abandons_a_dead_leaders_run_and_queues_its_resume(
     settings = settings_with_jobs(
         tmp_path, '[[jobs]]\nname = "offers"\nkind = "emag.offers"\n', worker_id="new"
     )
-    settings = dataclasses.replace(settings, reap_after=1.0)
+    settings = dataclasses.replace(settings, reap_after=1.0, database_url=database_url)
     job = StartRecordingEmag()
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"emag.offers": job})
     task = asyncio.create_task(leader.run(new))

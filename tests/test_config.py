@@ -181,6 +181,8 @@ def test_six_field_cron_has_seconds_first(tmp_path: Path) -> None:
     [
         ({"schedule": "* * * *"}, "schedule"),
         ({"schedule": "61 * * * *"}, "schedule"),
+        ({"schedule": "0 0 30 2 *"}, "schedule"),
+        ({"schedule": "0 0 31 4 *"}, "schedule"),
         ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
         ({"misfire": "sometimes"}, "misfire"),
         ({"overlap": "never"}, "overlap"),
@@ -192,6 +194,8 @@ def test_six_field_cron_has_seconds_first(tmp_path: Path) -> None:
     ids=[
         "cron-4-fields",
         "cron-minute-61",
+        "cron-30-february",
+        "cron-31-april",
         "timezone",
         "misfire",
         "overlap",
@@ -353,3 +357,15 @@ def test_two_catalogue_jobs_on_one_account_must_read_the_same_catalogue(tmp_path
         )
         == 2
     )
+
+
+def test_cli_impossible_cron_exits_2_naming_job_and_field(tmp_path: Path) -> None:
+    """A schedule that names no real date used to pass loading and crash every leader."""
+    path = write_jobs(tmp_path, job_toml("feb30", schedule="0 0 30 2 *"))
+    result = run_cli("jobs", env={"WORKER_JOBS_FILE": str(path)})
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "'feb30'" in line
+    assert "schedule" in line
+    assert "never matches" in line

@@ -84,26 +84,65 @@ async def test_steps_down_when_event_loop_freezes_past_deadline(
     await task
 
 
-async def test_steps_down_before_ttl_when_redis_stops_answering(
+class RecordingLease(Lease):
+    """The real lease, noting when each renew was *sent* and whether it succeeded."""
+
+    renews: list[tuple[float, bool]]
+
+    async def renew(self, grant: Grant, *, ttl: float) -> bool:
+        sent = asyncio.get_running_loop().time()
+        ok = await super().renew(grant, ttl=ttl)
+        self.renews.append((sent, ok))
+        return ok
+
+
+async def test_work_stops_within_the_deadline_of_the_last_renew_sent_when_redis_hangs(
     private_redis: tuple[str, int],
 ) -> None:
+    """A paused Redis (not a short client timeout, which would hide it): the client waits
+    as long as it is let. Leader work must be cancelled no later than renew_deadline
+    after the send time of the last successful renew, well before the TTL runs out.
+    The old code checked again only one retry period after a renew timed out at the
+    deadline (and counted from the reply): work ran on ~0.9 s past the deadline."""
     url, pid = private_redis
-    client = Redis.from_url(url, socket_timeout=0.3, socket_connect_timeout=0.3)
-    work = Work()
-    elector = make(client, "t:", "a", work, ttl=1.5)
+    client = Redis.from_url(url, socket_timeout=30, socket_connect_timeout=30)
+    lease = RecordingLease(client, prefix="t:")
+    lease.renews = []
+    settings = LeaseSettings(ttl=3.0, renew_deadline=2.0, retry=0.9)
+    loop = asyncio.get_running_loop()
+    cancelled_at: list[float] = []
+
+    async def work(grant: Grant) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled_at.append(loop.time())
+
+    elector = Elector(redis=client, lease=lease, settings=settings, worker_id="a", work=work)
     stop = asyncio.Event()
     task = asyncio.create_task(elector.run(stop))
-    await wait_for(lambda: elector.state.leader)
-    frozen = time.monotonic()
+    await wait_for(lambda: any(ok for _, ok in lease.renews))
     os.kill(pid, signal.SIGSTOP)
     try:
-        await wait_for(lambda: bool(work.cancelled), timeout=3.0)
-        # Leader work stopped within the renew deadline (+ one retry), before the TTL.
-        assert work.cancelled[0] - frozen < 1.5
+        await wait_for(lambda: bool(cancelled_at), timeout=6.0)
+        last_sent = max(sent for sent, ok in lease.renews if ok)
+        late = cancelled_at[0] - (last_sent + settings.deadline)
+        assert late < 0.35, f"leader work ran {late:.2f}s past the renew deadline"
+        assert cancelled_at[0] - last_sent < settings.ttl
         assert not elector.state.leader
-        assert elector.healthy()
     finally:
         os.kill(pid, signal.SIGCONT)
     stop.set()
     await asyncio.wait_for(task, 10)
     await client.aclose()
+
+
+def test_validation_leaves_room_to_stop_before_the_lease_expires() -> None:
+    """ttl 3 s with renew_deadline 2.7 s leaves 0.3 s, less than a retry period."""
+    import pytest
+
+    from worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="RENEW_DEADLINE"):
+        LeaseSettings(ttl=3.0, renew_deadline=2.7).validate()
+    LeaseSettings(ttl=3.0, renew_deadline=2.0).validate()

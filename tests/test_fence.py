@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from worker import db
@@ -67,3 +68,26 @@ async def test_terms_are_recorded_and_closed(pool: db.Pool) -> None:
         (4, "b", "shutdown"),
     ]
     assert all(r["ended_at"] is not None for r in rows)
+
+
+async def test_a_session_idle_in_a_transaction_is_ended_by_the_server(database_url: str) -> None:
+    """`hold` (the lease TTL in a replica) bounds how long a frozen leader's session can
+    sit inside a transaction holding the fence row; statements are bounded server-side."""
+    async with db.open_pool(database_url, timeout=3, hold=0.5, min_size=1, max_size=1) as pool:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "500ms"
+            assert await conn.fetchval("SHOW statement_timeout") == "4s"
+
+            async def frozen_inside_a_transaction() -> None:
+                async with conn.transaction():
+                    await conn.fetchval("SELECT token FROM fence WHERE id = 1 FOR SHARE")
+                    await asyncio.sleep(1.5)  # a leader frozen between two statements
+                    await conn.fetchval("SELECT 1")
+
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await frozen_inside_a_transaction()
+        holders = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'fence'::regclass"
+            " AND mode = 'RowShareLock'"
+        )
+        assert holders == 0

@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from worker import db, runs
 from worker.config import LeaseSettings
 from worker.election import Elector, StepDown
-from worker.errors import Fenced
 from worker.lease import Grant, Lease
 from worker.scheduler import Leader
 from worker.upstream import Upstream, open_upstream
@@ -78,21 +77,50 @@ async def test_concurrent_claims_of_one_slot_insert_one_run(pool: db.Pool) -> No
     assert await pool.fetchval("SELECT count(*) FROM runs WHERE job = 'j'") == 1
 
 
-async def test_split_brain_stale_leader_cannot_claim(pool: db.Pool) -> None:
-    slot = datetime(2026, 1, 1, tzinfo=UTC)
-    await db.raise_fence(pool, token=1, holder="old")
-    await db.raise_fence(pool, token=2, holder="new")
+EVERY_SECOND = """
+[[jobs]]
+name = "second"
+kind = "rec"
+schedule = "* * * * * *"
+misfire = "skip"
+misfire_grace = "1s"
+overlap = "allow"
+"""
 
-    async def claim(token: int) -> object:
-        async with db.fenced(pool, token) as conn:
-            return await runs.claim_slot(
-                conn, job="j", kind="http", slot=slot, token=token, worker_id="x", params={}
-            )
 
-    old, new = await asyncio.gather(claim(1), claim(2), return_exceptions=True)
-    assert isinstance(old, Fenced)
-    assert isinstance(new, dict)
-    assert [r["token"] for r in await pool.fetch("SELECT token FROM runs")] == [2]
+async def test_split_brain_two_live_leaders_race_and_the_stale_one_stops(
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """Two leaders really running at once (the old one never learnt it lost the lease),
+    both planning the same every-second slots. Every slot runs once; once the newer
+    term has raised the fence the older one claims nothing more and steps down."""
+    settings = settings_with_jobs(tmp_path, EVERY_SECOND, database_url=database_url)
+    job = RecordingJob()
+    old_grant = await grant_for(redis, key_prefix, "old")
+    await redis.delete(f"{key_prefix}leader")  # the lease is lost; "old" never hears of it
+    new_grant = await grant_for(redis, key_prefix, "new")
+    old_leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
+    new_leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": job})
+    old_task = asyncio.create_task(old_leader.run(old_grant))
+    await eventually(lambda: any(c.token == old_grant.token for c in job.runs), timeout=5)
+    async with leading(new_leader, new_grant):
+        with pytest.raises(StepDown):
+            await asyncio.wait_for(old_task, timeout=10)
+        stepped_down = len(job.runs)
+        await eventually(lambda: sum(c.token == new_grant.token for c in job.runs) >= 2)
+    late = [c for c in job.runs[stepped_down:] if c.token == old_grant.token]
+    assert late == [], "the stale leader ran a slot after it stepped down"
+    slots = [c.slot for c in job.runs]
+    assert len(slots) == len(set(slots)), "a slot ran twice"
+    in_use = [h for h in pool._holders if h._in_use is not None]
+    assert in_use == [], "a connection was not given back to the pool"
+    tokens = {r["token"] for r in await pool.fetch("SELECT token FROM runs")}
+    assert tokens == {old_grant.token, new_grant.token}
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,43 @@ async def test_signal_stop_exits_zero(pool: db.Pool, redis: Redis, key_prefix: s
     task = asyncio.create_task(actor(), name="actor")
     asyncio.get_running_loop().call_later(0.05, stop.set)
     assert await _supervise({task}, stop, state, grace=5) == 0
+
+
+async def test_a_library_report_is_not_a_crash_but_a_lost_exception_is(
+    pool: db.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg reports "Resetting connection with an active transaction" to the event
+    loop's exception handler when a connection goes back to the pool inside a
+    transaction (a leader woken from a freeze). The old handler took every report for
+    a crash and stopped the replica with exit 1."""
+    from worker.app import stray_error_handler
+
+    loop = asyncio.get_running_loop()
+    crashed, stop = asyncio.Event(), asyncio.Event()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(stray_error_handler(crashed, stop))
+    try:
+        conn = await pool.acquire()
+        await conn.transaction().start()  # not managed: left open on release
+        await pool.release(conn)
+        assert any(
+            "Resetting connection with an active transaction" in r.getMessage()
+            for r in caplog.records
+        ), "asyncpg's report did not reach the handler"
+        assert not crashed.is_set()
+        assert not stop.is_set()
+
+        async def lost() -> None:
+            raise RuntimeError("nobody awaits me")
+
+        task = asyncio.ensure_future(lost())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        del task  # the "exception was never retrieved" report comes when it is collected
+        import gc
+
+        gc.collect()
+        assert crashed.is_set()
+        assert stop.is_set()
+    finally:
+        loop.set_exception_handler(previous)

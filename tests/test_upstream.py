@@ -76,7 +76,8 @@ def refused_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def requests_total(code: str, host: str = HOST) -> float:
+def requests_total(code: str, host: str) -> float:
+    """The attempts counted for `host` (its label is host:port, never userinfo)."""
     value = REGISTRY.get_sample_value(
         "worker_upstream_requests_total", {"host": host, "code": code}
     )
@@ -87,7 +88,8 @@ async def test_retries_server_errors_then_succeeds(
     server: TestServer, script: Script, upstream: Upstream
 ) -> None:
     path = script.on("/flaky", 500, 502, 503, (200, {}, b'{"ok": true}'))
-    before = {code: requests_total(code) for code in ("500", "502", "503", "200")}
+    host = f"{HOST}:{server.port}"
+    before = {code: requests_total(code, host) for code in ("500", "502", "503", "200")}
 
     response = await upstream.request("GET", str(server.make_url(path)))
 
@@ -96,7 +98,7 @@ async def test_retries_server_errors_then_succeeds(
     assert response.json() == {"ok": True}
     assert len(script.hits[path]) == 4
     for code in before:
-        assert requests_total(code) - before[code] == 1
+        assert requests_total(code, host) - before[code] == 1
 
 
 async def test_returns_last_server_error_when_attempts_run_out(
@@ -115,7 +117,8 @@ async def test_429_waits_for_retry_after(
     server: TestServer, script: Script, upstream: Upstream
 ) -> None:
     path = script.on("/busy", (429, {"Retry-After": "0.2"}, b""), 200)
-    before = requests_total("429")
+    host = f"{HOST}:{server.port}"
+    before = requests_total("429", host)
 
     response = await upstream.request("GET", str(server.make_url(path)))
 
@@ -123,7 +126,7 @@ async def test_429_waits_for_retry_after(
     first, second = script.hits[path]
     # The backoff alone is at most 0.01 s; the gap comes from Retry-After.
     assert second - first >= 0.2
-    assert requests_total("429") - before == 1
+    assert requests_total("429", host) - before == 1
 
 
 async def test_extra_retry_statuses(server: TestServer, script: Script, upstream: Upstream) -> None:
@@ -140,21 +143,23 @@ async def test_client_errors_are_not_retried(
     server: TestServer, script: Script, upstream: Upstream, status: int
 ) -> None:
     path = script.on(f"/no/{status}", (status, {}, b"nope"), 200)
-    before = requests_total(str(status))
+    host = f"{HOST}:{server.port}"
+    before = requests_total(str(status), host)
 
     response = await upstream.request("GET", str(server.make_url(path)))
 
     assert response.status == status
     assert response.body == b"nope"
     assert len(script.hits[path]) == 1
-    assert requests_total(str(status)) - before == 1
+    assert requests_total(str(status), host) - before == 1
 
 
 async def test_connection_errors_are_retried_then_raised(
     upstream: Upstream, refused_port: int
 ) -> None:
     url = f"http://{HOST}:{refused_port}/nothing"
-    before = requests_total("error")
+    host = f"{HOST}:{refused_port}"
+    before = requests_total("error", host)
 
     with pytest.raises(UpstreamError) as caught:
         await upstream.request("GET", url, retry=RetryPolicy(attempts=3, base=0.001))
@@ -164,12 +169,13 @@ async def test_connection_errors_are_retried_then_raised(
     assert "after 3 attempts" in message
     assert "ClientConnectorError" in message
     assert caught.value.url == url
-    assert requests_total("error") - before == 3
+    assert requests_total("error", host) - before == 3
 
 
 async def test_timeouts_are_retried_then_raised(server: TestServer, script: Script) -> None:
     url = str(server.make_url("/hang"))
-    before = requests_total("timeout")
+    host = f"{HOST}:{server.port}"
+    before = requests_total("timeout", host)
 
     async with open_upstream(
         limiter=RateLimiter(Rate(calls=0)), read_timeout=0.2, retry=QUICK
@@ -181,7 +187,7 @@ async def test_timeouts_are_retried_then_raised(server: TestServer, script: Scri
     assert "after 2 attempts" in str(caught.value)
     assert "Timeout" in str(caught.value)
     assert len(script.hits["/hang"]) == 2
-    assert requests_total("timeout") - before == 2
+    assert requests_total("timeout", host) - before == 2
 
 
 async def test_malformed_json_raises_upstream_error(
@@ -198,11 +204,11 @@ async def test_malformed_json_raises_upstream_error(
     assert caught.value.url == url
 
 
-async def test_limit_key_defaults_to_host(
+async def test_limit_key_defaults_to_host_and_port(
     server: TestServer, script: Script, upstream: Upstream
 ) -> None:
     path = script.on("/ok", 200)
-    upstream.limiter.configure(HOST, Rate(calls=1, period=0.3, margin=0.0))
+    upstream.limiter.configure(f"{HOST}:{server.port}", Rate(calls=1, period=0.3, margin=0.0))
     await asyncio.gather(*(upstream.request("GET", str(server.make_url(path))) for _ in range(2)))
     first, second = sorted(script.hits[path])
     assert second - first >= 0.3

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from . import db
 from .config import Settings
 from .context import JobKind
 from .election import Elector
+from .errors import ConfigError
 from .lease import Grant, Lease
 from .ratelimit import RateLimiter
 from .scheduler import Leader
@@ -30,6 +32,8 @@ from .upstream import Upstream, open_upstream
 from .web.app import WebState, build_app
 
 log = logging.getLogger(__name__)
+
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, object]], None]
 
 
 @asynccontextmanager
@@ -48,6 +52,33 @@ async def open_redis(url: str, *, timeout: float = 5.0) -> AsyncIterator[Redis]:
         await redis.aclose()
 
 
+def stray_error_handler(crashed: asyncio.Event, stop: asyncio.Event) -> _ExceptionHandler:
+    """The event loop's exception handler: a crash stops the replica, a report does not.
+
+    An exception nobody awaited is a bug: it is logged with its context and the replica
+    stops (exit 1 after a clean shutdown) rather than run on half-broken. A library's
+    report that carries no exception is not a crash: asyncpg, for one, says "Resetting
+    connection with an active transaction" when a leader that froze inside a
+    transaction wakes up and its connection goes back to the pool.
+    """
+
+    def handle(_: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        error = context.get("exception")
+        if not isinstance(error, BaseException):
+            log.warning("event loop report: %s", context.get("message"))
+            return
+        log.critical(
+            "unhandled error: %s",
+            context.get("message"),
+            exc_info=error,
+            extra={"task": repr(context.get("task") or context.get("future") or "")[:200]},
+        )
+        crashed.set()
+        stop.set()
+
+    return handle
+
+
 async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
     """Run one replica until SIGTERM/SIGINT; returns the process exit code."""
     stop = asyncio.Event()
@@ -55,33 +86,14 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def on_stray_error(_: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        # An exception nobody awaited is a bug: log it with its context and stop the
-        # replica (exit 1 after a clean shutdown) rather than run on half-broken.
-        # A library's report without an exception is not a crash: asyncpg says
-        # "Resetting connection with an active transaction" when a leader frozen inside
-        # a transaction wakes up and its connection goes back to the pool.
-        error = context.get("exception")
-        if error is None:
-            log.warning("event loop report: %s", context.get("message"))
-            return
-        log.critical(
-            "unhandled error: %s",
-            context.get("message"),
-            exc_info=error if isinstance(error, BaseException) else None,
-            extra={"task": repr(context.get("task") or context.get("future") or "")[:200]},
-        )
-        crashed.set()
-        stop.set()
-
     crashed = asyncio.Event()
-    loop.set_exception_handler(on_stray_error)
+    loop.set_exception_handler(stray_error_handler(crashed, stop))
     async with (
         open_redis(settings.redis_url) as redis,
         db.open_pool(
             settings.database_url, timeout=settings.db_timeout, hold=settings.lease.ttl
         ) as pool,
-        open_upstream(limiter=RateLimiter()) as upstream,
+        open_upstream(limiter=RateLimiter(redis=redis, prefix=settings.key_prefix)) as upstream,
     ):
         async with pool.acquire() as conn:
             for name in await db.migrate(conn):
@@ -104,7 +116,16 @@ async def _run_actors(
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port, shutdown_timeout=2.0)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # a setting or the machine is wrong: say which, in one line
+            why = {
+                errno.EADDRINUSE: "the port is already in use (WORKER_HTTP_PORT)",
+                errno.EACCES: "permission denied for this port (WORKER_HTTP_PORT)",
+                errno.EADDRNOTAVAIL: "no such address on this machine (WORKER_HTTP_HOST)",
+            }.get(exc.errno or 0, f"{exc.strerror or exc} (WORKER_HTTP_HOST, WORKER_HTTP_PORT)")
+            where = f"{settings.http_host}:{settings.http_port}"
+            raise ConfigError(f"cannot listen on {where}: {why}") from None
         port = _bound_port(runner, settings.http_port)
         log.info(
             "worker %s serving http on %s:%d (role %s, %d jobs)",

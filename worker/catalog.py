@@ -3,16 +3,21 @@
 One batch is COPYed into a per-connection staging table and merged with a single
 `INSERT … ON CONFLICT … WHERE hash differs`: rows whose content hash is unchanged
 are not rewritten at all, and the database, not a per-row round trip, sets the pace.
+
+One bad item never costs the batch: NUL characters (which Postgres refuses in text
+and in jsonb) are removed before the merge, and an item the database still refuses
+is found by bisecting the batch under savepoints and reported, while the rest commits.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import asyncpg
 import orjson
 
 from .db import Connection, Pool
@@ -56,9 +61,32 @@ class Item:
 
 @dataclass
 class UpsertCounts:
+    """What a merge did. `failed` holds (external id, reason) for the items not stored;
+    `cleaned` counts the items whose NUL characters were removed."""
+
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    cleaned: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, other: UpsertCounts) -> None:
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.cleaned += other.cleaned
+        self.failed.extend(other.failed)
+
+
+# What the database (or asyncpg, encoding a value) refuses because of the data itself:
+# SQLSTATE class 22 (data exception) and 23 (integrity constraint), and a value asyncpg
+# cannot encode. The same item fails the same way every time, so it is isolated, never
+# retried; anything else (a timeout, a lost connection, the fence) fails the commit.
+REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, OverflowError)
+_TEXT_FIELDS = ("external_id", "name", "sku", "ean", "currency", "status", "url")
+_NUL = "\x00"
+_JSON_NUL = b"\\u0000"  # how orjson writes a NUL inside a JSON string
+Record = tuple[Any, ...]
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -101,32 +129,112 @@ async def _ensure_stage(conn: Connection) -> None:
     )
 
 
+def strip_nul(value: Any) -> Any:
+    """A JSON value with every NUL character removed, in keys and values, at any depth."""
+    if isinstance(value, str):
+        return value.replace(_NUL, "")
+    if isinstance(value, dict):
+        return {strip_nul(k): strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_nul(v) for v in value]
+    return value
+
+
+def clean(item: Item) -> tuple[Item, bool]:
+    """The item with NUL characters removed from its text fields; True if any were.
+
+    `raw` is cleaned where it is serialised (see `_record`), where the check is free.
+    """
+    dirty: dict[str, Any] = {
+        name: value.replace(_NUL, "")
+        for name in _TEXT_FIELDS
+        if isinstance(value := getattr(item, name), str) and _NUL in value
+    }
+    return (replace(item, **dirty), True) if dirty else (item, False)
+
+
+def _record(item: Item) -> tuple[Record, bool]:
+    """The staging row of a clean item, with the hash of exactly the raw JSON stored."""
+    raw = orjson.dumps(item.raw, option=orjson.OPT_SORT_KEYS)
+    cleaned = False
+    if _JSON_NUL in raw:
+        stripped = orjson.dumps(strip_nul(item.raw), option=orjson.OPT_SORT_KEYS)
+        cleaned, raw = stripped != raw, stripped
+    row = (
+        item.external_id,
+        item.name,
+        item.sku,
+        item.ean,
+        item.price,
+        item.currency,
+        item.stock,
+        item.status,
+        item.url,
+        raw.decode(),
+        hashlib.blake2b(raw, digest_size=16).digest(),
+    )
+    return row, cleaned
+
+
 async def upsert(
-    conn: Connection, *, source: str, account: str, items: Sequence[Item]
+    conn: Connection,
+    *,
+    source: str,
+    account: str,
+    items: Sequence[Item],
+    seen_by: int | None = None,
 ) -> UpsertCounts:
-    """Merge a batch (inside the caller's transaction); counts created/updated/unchanged."""
-    latest: dict[str, Item] = {item.external_id: item for item in items}
-    if not latest:
-        return UpsertCounts()
-    records = []
-    for item in latest.values():
-        raw = orjson.dumps(item.raw, option=orjson.OPT_SORT_KEYS)
-        records.append(
-            (
-                item.external_id,
-                item.name,
-                item.sku,
-                item.ean,
-                item.price,
-                item.currency,
-                item.stock,
-                item.status,
-                item.url,
-                raw.decode(),
-                hashlib.blake2b(raw, digest_size=16).digest(),
-            )
-        )
-    await _ensure_stage(conn)
+    """Merge a batch inside the caller's transaction; counts created/updated/unchanged.
+
+    NUL characters are removed first. An item the database still refuses is left out
+    and reported in `failed` with the database's reason; the others are stored. With
+    `seen_by`, the ids of the batch (refused items included: they are still listed
+    upstream) are recorded as seen by that run, for `mark_gone`.
+    """
+    counts = UpsertCounts()
+    latest: dict[str, tuple[Item, bool]] = {}
+    for item in items:  # an id twice in one batch: the later copy wins
+        item, dirty = clean(item)
+        latest[item.external_id] = item, dirty
+    records: list[Record] = []
+    for item, dirty in latest.values():
+        try:
+            row, raw_dirty = _record(item)
+        except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
+            counts.failed.append((item.external_id, f"raw item is not storable JSON: {exc}"))
+            continue
+        records.append(row)
+        counts.cleaned += dirty or raw_dirty
+    if records:
+        await _ensure_stage(conn)
+        counts.add(await _merge_isolated(conn, source, account, records))
+    if seen_by is not None and latest:
+        await record_seen(conn, run_id=seen_by, external_ids=list(latest))
+    return counts
+
+
+async def _merge_isolated(
+    conn: Connection, source: str, account: str, records: list[Record]
+) -> UpsertCounts:
+    """Merge `records` under a savepoint; when the database refuses the batch, bisect it
+    so the good rows are stored and each refused one is reported with the reason."""
+    try:
+        async with conn.transaction():  # nested: a SAVEPOINT, so a refusal undoes only this
+            return await _merge(conn, source, account, records)
+    except REFUSED as exc:
+        if len(records) == 1:
+            by = "the database" if isinstance(exc, asyncpg.PostgresError) else "asyncpg"
+            reason = " ".join(f"refused by {by}: {type(exc).__name__}: {exc}".split())
+            return UpsertCounts(failed=[(str(records[0][0]), reason)])
+    half = len(records) // 2
+    counts = await _merge_isolated(conn, source, account, records[:half])
+    counts.add(await _merge_isolated(conn, source, account, records[half:]))
+    return counts
+
+
+async def _merge(
+    conn: Connection, source: str, account: str, records: list[Record]
+) -> UpsertCounts:
     await conn.execute(f"TRUNCATE {_STAGE}")  # a second batch in the same transaction
     await conn.copy_records_to_table(_STAGE, records=records, columns=_STAGE_COLUMNS)
     # Counted in the database: one row back per batch, not one per changed item.
@@ -147,7 +255,9 @@ async def upsert(
         account,
     )
     created, written = int(row["created"]), int(row["written"])
-    return UpsertCounts(created=created, updated=written - created, unchanged=len(latest) - written)
+    return UpsertCounts(
+        created=created, updated=written - created, unchanged=len(records) - written
+    )
 
 
 async def record_seen(conn: Connection, *, run_id: int, external_ids: Iterable[str]) -> None:
@@ -196,18 +306,26 @@ async def search(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Products matching the filters (text matches name, sku, ean or id): (total, page)."""
+    """Products matching the filters: (total, page).
+
+    `text` is literal (% and _ match themselves): a substring of the name or sku, or
+    the exact ean or id.
+    """
     where = (
         " WHERE ($1::text IS NULL OR source = $1) AND ($2::text IS NULL OR account = $2)"
-        " AND ($3::text IS NULL OR name ILIKE '%' || $3 || '%' OR sku ILIKE '%' || $3 || '%'"
+        " AND ($3::text IS NULL OR name ILIKE '%' || $5 || '%' OR sku ILIKE '%' || $5 || '%'"
         "      OR ean = $3 OR external_id = $3)"
         " AND ($4 OR gone_at IS NULL)"
     )
-    args = (source, account, text, include_gone)
+    # Backslash is LIKE's default escape character: escape it first, then % and _.
+    literal = (
+        None if text is None else text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    )
+    args = (source, account, text, include_gone, literal)
     total: int = await pool.fetchval(f"SELECT count(*) FROM products{where}", *args)
     rows = await pool.fetch(
         f"SELECT {PUBLIC_COLUMNS} FROM products{where}"
-        " ORDER BY source, account, external_id LIMIT $5 OFFSET $6",
+        " ORDER BY source, account, external_id LIMIT $6 OFFSET $7",
         *args,
         limit,
         offset,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from redis.exceptions import RedisError
@@ -18,6 +19,7 @@ from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError, Unreachable
 from .lease import Lease
+from .web.query import MAX_ID, MAX_LIMIT, MAX_OFFSET
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -92,11 +94,11 @@ async def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(orjson.dumps([runs.public(r) for r in found]).decode())
         return 0
-    for r in found:
+    for r in map(runs.public, found):
         p = r["progress"] or {}
         prog = p.get("message") or (f"{p.get('done')}/{p.get('total')}" if p else "")
-        slot = r["slot"].isoformat()[:19] if r["slot"] else "-"
-        took = runs.public(r)["duration"]
+        slot = (r["slot"] or "-")[:19]
+        took = r["duration"]
         print(
             f"#{r['id']:<7} {r['job']:<22} {r['status']:<10} {r['trigger']:<8} slot {slot:<19}"
             f" {f'{took:.1f}s' if took is not None else '':>8}  {prog}  {r['error'] or ''}".rstrip()
@@ -177,8 +179,9 @@ async def _follow(pool: db.Pool, run_id: int, ok: tuple[str, ...] = ("succeeded"
     """Print progress of a run until it ends; exit 0 if it succeeded."""
     shown = ""
     while True:
-        run = await runs.get(pool, run_id)
-        assert run is not None
+        found = await runs.get(pool, run_id)
+        assert found is not None
+        run = runs.public(found)
         msg = (run["progress"] or {}).get("message") or ""
         line = f"run {run_id}: {run['status']}{' - ' + msg if msg else ''}"
         if line != shown:
@@ -191,8 +194,29 @@ async def _follow(pool: db.Pool, run_id: int, ok: tuple[str, ...] = ("succeeded"
         await asyncio.sleep(0.5)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit 2 (argparse would print the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `lo` to `hi`."""
+
+    def parse(raw: str) -> int:
+        value = int(raw) if re.fullmatch(r"-?[0-9]{1,30}", raw) else None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from {lo} to {hi}, got {raw[:40]!r}"
+            )
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="worker",
         description="Runs scheduled syncs from many replicas; one leader at a time.",
         epilog="Configuration comes from the environment: see README.md.",
@@ -208,22 +232,28 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("runs", help="recent runs with status and progress")
     rp.add_argument("--job", help="only this job")
     rp.add_argument("--status", choices=runs.STATUSES, help="only runs with this status")
-    rp.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    rp.add_argument("--id", type=int, help="show one run in full")
+    rp.add_argument(
+        "--limit", type=_whole(1, MAX_LIMIT), default=20, help="how many (default 20, at most 1000)"
+    )
+    rp.add_argument("--id", type=_whole(1, MAX_ID), help="show one run in full")
     rp.add_argument("--json", action="store_true", help="print JSON")
     pp = sub.add_parser("products", help="query the synced catalogue")
     pp.add_argument("--source", help="emag, ebay, …")
     pp.add_argument("--account", help="the account name given in the job's params")
     pp.add_argument("--search", help="text in the name or sku, or an exact ean or id")
     pp.add_argument("--live", action="store_true", help="leave out items marked gone")
-    pp.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    pp.add_argument("--offset", type=int, default=0, help="skip this many")
+    pp.add_argument(
+        "--limit", type=_whole(1, MAX_LIMIT), default=20, help="how many (default 20, at most 1000)"
+    )
+    pp.add_argument(
+        "--offset", type=_whole(0, MAX_OFFSET), default=0, help="skip this many (default 0)"
+    )
     pp.add_argument("--json", action="store_true", help="print JSON")
     tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
     tp.add_argument("job", metavar="JOB")
     tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
     cp = sub.add_parser("cancel", help="cancel a queued or running run")
-    cp.add_argument("run_id", type=int, metavar="RUN_ID")
+    cp.add_argument("run_id", type=_whole(1, MAX_ID), metavar="RUN_ID")
     cp.add_argument("--wait", action="store_true", help="follow the run until it has stopped")
     sub.add_parser(
         "sandbox", help="run the local sandbox marketplace (eMAG + eBay)", add_help=False
@@ -269,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Unreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found only once running, e.g. a port already taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, RedisError) as exc:
         print(f"error: cannot reach a service: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

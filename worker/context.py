@@ -87,3 +87,10 @@ class RunContext:
         else:
             async with self.fenced() as c:
                 yield c
+
+    async def note(self, message: str) -> None:
+        """Set the progress message alone, in its own fenced transaction: what the run
+        is waiting for ("page 5: retry 1/3 after a read timeout"). Counts, stats and
+        the cursor stay as last committed; the next `progress()` replaces the message."""
+        async with self.fenced() as c:
+            await runs.save_progress(c, self.run_id, progress={"message": message})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -97,7 +98,13 @@ async def open_pool(
     try:
         yield pool
     finally:
-        await pool.close()
+        try:
+            # A connection never given back (a bug, or a run that would not stop) must
+            # not hold the shutdown: past the timeout the rest are closed hard.
+            await asyncio.wait_for(pool.close(), timeout=timeout)
+        except TimeoutError:
+            log.warning("pool did not close within %.0fs: terminating its connections", timeout)
+            pool.terminate()
 
 
 async def _create_pool(

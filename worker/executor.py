@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiojobs
+import asyncpg
 
 from . import db, logs, metrics, runs
 from .config import JobSpec, Settings
@@ -153,13 +154,13 @@ class Executor:
             end.status, end.error, end.handed_off = "abandoned", str(exc), True
             self._on_fenced()
         except Exception as exc:  # the run's isolation boundary
-            end.error = f"{type(exc).__name__}: {exc}"
-            if db.is_transient(exc):
+            end.error = _describe(exc)
+            if _interrupted_by_database(exc):
                 # The database (or its connection) failed under the run, not the run
                 # itself: what it committed is kept, and it resumes from there.
                 end.status, end.resume = "abandoned", kind is not None and kind.resumable
                 end.error = f"interrupted by a database error: {end.error}"
-                log.warning("run interrupted by a database error: %s", exc)
+                log.warning("run interrupted by a database error: %s", _describe(exc))
             else:
                 log.exception("run failed")
         finally:
@@ -233,3 +234,35 @@ class _End:
         self.result: Any = None
         self.handed_off = False
         self.resume = False
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The database error behind `exc`: itself, or the one it was raised while handling
+    (a connection that died inside a transaction surfaces as the transaction's exit
+    failing on a closed connection; the cause is in its context)."""
+    seen = 0
+    current: BaseException | None = exc
+    found: BaseException | None = None
+    while current is not None and seen < 5:
+        if isinstance(current, asyncpg.PostgresError | asyncpg.InterfaceError):
+            found = current
+        current = current.__context__
+        seen += 1
+    return found
+
+
+def _interrupted_by_database(exc: BaseException) -> bool:
+    """The database failed under the run (a restart, a lost connection), as opposed to
+    the run's own error. A statement timeout counts as the run's: retrying the same
+    statement would most likely time out again."""
+    found = _database_error(exc)
+    if found is None or getattr(found, "sqlstate", None) == "57014":
+        return False
+    return db.is_transient(found)
+
+
+def _describe(exc: BaseException) -> str:
+    found = _database_error(exc)
+    if found is not None:
+        exc = found
+    return f"{type(exc).__name__}: {exc}"

@@ -50,3 +50,12 @@ RATE_LIMIT_WAIT = Histogram(
     ["key"],
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
 )
+RATE_LIMIT_REDIS_ERRORS = Counter(
+    "worker_rate_limit_redis_errors_total",
+    "Rate-limit window calls to Redis that failed or timed out (the local window held alone)",
+)
+UPSTREAM_RETRIES = Counter(
+    "worker_upstream_retries_total",
+    "Upstream attempts retried, by host and reason (HTTP status, timeout or error)",
+    ["host", "reason"],
+)

@@ -14,8 +14,10 @@ class Page:
     """One fetched page.
 
     `cursor` is what to pass back to `pages()` to continue *after* this page (None when
-    this was the last page). `failed` holds (external id or "?", reason) for items that
-    could not be mapped: they are counted and sampled, never fatal.
+    this was the last page). It must be JSON, and never an object with a "finished" key:
+    the sync stores {"finished": true, …} once the last page is committed. `failed`
+    holds (external id or "?", reason) for items that could not be mapped: they are
+    counted and sampled, never fatal.
     """
 
     items: list[Item]
@@ -38,7 +40,7 @@ class Connector(Protocol):
 
     @property
     def complete(self) -> bool:
-        """After iterating: whether the pass covered the whole catalogue."""
+        """Once `pages()` has ended: whether the pass covered the whole catalogue."""
         ...
 
 

@@ -180,6 +180,7 @@ class EbayCatalog:
             response = await self.upstream.request(
                 "GET",
                 url,
+                what=f"query {term!r}, page {offset // self.limit + 1}",
                 limit_key=self.limit_key,
                 params=params,
                 headers={

@@ -99,17 +99,20 @@ class EmagOffers:
 
     async def _read(self, page: int) -> list[Any]:
         results = await self._call(
-            "product_offer/read", {"currentPage": page, "itemsPerPage": self.per_page}
+            "product_offer/read",
+            {"currentPage": page, "itemsPerPage": self.per_page},
+            what=f"page {page}",
         )
         if not isinstance(results, list):
             raise UpstreamError(f"eMAG product_offer/read page {page}: results is not a list")
         return results
 
-    async def _call(self, action: str, data: Mapping[str, Any]) -> Any:
+    async def _call(self, action: str, data: Mapping[str, Any], *, what: str = "") -> Any:
         url = f"{self.base_url}/{action}"
         response = await self.upstream.request(
             "POST",
             url,
+            what=what or action,
             limit_key=self.limit_key,
             json={"data": dict(data)},
             headers=self.auth_header,

@@ -21,7 +21,17 @@ def checkers(registry: Mapping[str, JobKind]) -> dict[str, Callable[[JobSpec], N
 
 
 # Params that only change how a pass runs, not which catalogue it reads.
-_PACING = {"max_pages", "rate_limit", "mark_gone", "items_per_page", "limit", "prefetch"}
+_PACING = {
+    "max_pages",
+    "rate_limit",
+    "mark_gone",
+    "items_per_page",
+    "limit",
+    "prefetch",
+    "connect_timeout",
+    "read_timeout",
+    "total_timeout",
+}
 _SOURCES = {"emag.offers": "emag", "ebay.catalog": "ebay"}
 
 

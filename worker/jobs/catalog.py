@@ -6,6 +6,11 @@ that upserts the items, stores the cursor of the last page and updates progress 
 heartbeat. Under a 3/s limit that is one page per commit, so a crash refetches at most
 the page in flight; with the limit lifted pages pile up during a commit and go in
 together, so the database sets the pace.
+
+The last page commits with the cursor {"finished": true, "complete": …} rather than an
+empty one (which would read as "not started"): a run interrupted after that commit is
+resumed without fetching anything, and only ends the pass (marking gone, once).
+An item the database refuses is counted as failed and sampled; the run goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 from .. import catalog
@@ -24,6 +30,8 @@ from ..errors import JobError
 FAILED_SAMPLE = 20
 MAX_ROWS_PER_COMMIT = 5000
 QUEUE_PAGES = 64
+FETCHER_STOP = 5.0  # seconds a cancelled fetcher gets to close the connector
+FINISHED = "finished"  # the key of the cursor that records a pass fetched to its end
 _DONE = object()
 
 
@@ -64,7 +72,7 @@ class _Sync:
         self.max_pages: int | None = ctx.params.get("max_pages")
         self.mark_gone = bool(ctx.params.get("mark_gone", False))
         s = ctx.stats
-        for key in ("pages", "items", "created", "updated", "unchanged", "failed"):
+        for key in ("pages", "items", "created", "updated", "unchanged", "failed", "cleaned"):
             s.setdefault(key, 0)
         s.setdefault("failed_sample", [])
         # Pages committed by the runs this one resumes count towards max_pages.
@@ -73,42 +81,66 @@ class _Sync:
         self.capped = False
 
     async def run(self) -> dict[str, Any]:
-        ctx = self.ctx
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
-        fetcher = asyncio.create_task(self._fetch(queue), name=f"fetch-{ctx.run_id}")
-        try:
-            await self._write(queue)
-            await fetcher  # surfaces a fetch error after the pages before it were kept
-        finally:
-            fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fetcher
-        stats = ctx.stats
-        if self.capped:
-            raise JobError(
-                f"stopped at max_pages={self.max_pages}: more pages remain; the"
-                f" {stats['items']} items fetched are kept (raise max_pages to sync all)"
-            )
-        gone = 0
-        if self.mark_gone and self.connector.complete:
-            async with ctx.fenced() as conn:
-                chain = await catalog.run_chain(conn, ctx.run_id)
-                gone = await catalog.mark_gone(
-                    conn,
-                    source=self.connector.source,
-                    account=self.connector.account,
-                    run_ids=chain,
+        ctx, stats = self.ctx, self.ctx.stats
+        end = finished(ctx.cursor)
+        if end is None:
+            await self._fetch_and_write()
+            if self.capped:
+                raise JobError(
+                    f"stopped at max_pages={self.max_pages}: more pages remain; the"
+                    f" {stats['items']} items fetched are kept (raise max_pages to sync all)"
                 )
-                stats["gone"] = gone
-                await ctx.progress(message=self._message(None, done=True), conn=conn)
+            end = finished(ctx.cursor) or _finished(complete=self.connector.complete)
         else:
-            if self.mark_gone:
-                stats["warnings"].append("pass incomplete: items not marked gone")
-            await ctx.progress(message=self._message(None, done=True))
+            # Resumed after its last page was committed: nothing is fetched again, only
+            # the end of the pass (which the interrupted run may or may not have done).
+            ctx.log.info("pass already fetched to its end; finishing it")
+        gone = await self._end_pass(end)
         return {k: stats[k] for k in ("pages", "items", "created", "updated", "unchanged")} | {
             "failed": stats["failed"],
             "gone": gone,
         }
+
+    async def _end_pass(self, end: dict[str, Any]) -> int:
+        """Mark gone (once per pass) and record the final progress with the finished cursor."""
+        ctx, stats = self.ctx, self.ctx.stats
+        if not (self.mark_gone and end["complete"]):
+            if self.mark_gone and "pass incomplete: items not marked gone" not in stats["warnings"]:
+                stats["warnings"].append("pass incomplete: items not marked gone")
+            await ctx.progress(message=self._message(None, done=True), cursor=end)
+            return 0
+        if "gone" in end:  # marked before the run was interrupted
+            stats["gone"] = end["gone"]
+            await ctx.progress(message=self._message(None, done=True), cursor=end)
+            return int(end["gone"])
+        async with ctx.fenced() as conn:
+            chain = await catalog.run_chain(conn, ctx.run_id)
+            gone = await catalog.mark_gone(
+                conn, source=self.connector.source, account=self.connector.account, run_ids=chain
+            )
+            stats["gone"] = gone
+            # In the same transaction: a resume never marks twice (the chain's seen ids
+            # are gone by then, so a second marking would take every item).
+            await ctx.progress(
+                message=self._message(None, done=True), cursor={**end, "gone": gone}, conn=conn
+            )
+        return gone
+
+    async def _fetch_and_write(self) -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
+        fetcher = asyncio.create_task(self._fetch(queue), name=f"fetch-{self.ctx.run_id}")
+        fetcher.add_done_callback(_retrieve)
+        try:
+            await self._write(queue)
+            await fetcher  # surfaces a fetch error after the pages before it were kept
+        finally:
+            if not fetcher.done():
+                # The writer failed (or the run was cancelled): stop the fetcher. wait()
+                # neither raises the fetcher's end nor swallows a cancellation of this run.
+                fetcher.cancel()
+                await asyncio.wait([fetcher], timeout=FETCHER_STOP)
+                if not fetcher.done():
+                    self.ctx.log.warning("the fetcher did not stop within %gs", FETCHER_STOP)
 
     async def _fetch(self, queue: asyncio.Queue[Any]) -> None:
         fetched = self.pages_before
@@ -116,6 +148,11 @@ class _Sync:
             # aclosing: stopping at max_pages cancels the connector's prefetch at once.
             async with contextlib.aclosing(self.connector.pages(self.ctx.cursor)) as pages:
                 async for page in pages:
+                    if isinstance(page.cursor, Mapping) and FINISHED in page.cursor:
+                        raise JobError(
+                            f"{self.connector.source} connector returned the cursor"
+                            f" {page.cursor!r}, which is reserved for a finished pass"
+                        )
                     await queue.put(page)
                     fetched += 1
                     if (
@@ -125,61 +162,86 @@ class _Sync:
                     ):
                         self.capped = True
                         break
-        finally:
-            await queue.put(_DONE)
+        except asyncio.CancelledError:
+            raise  # the run is ending: nobody reads the queue any more, so put nothing
+        except Exception:
+            await queue.put(_DONE)  # the writer keeps the pages before the failure
+            raise
+        await queue.put(_DONE)
 
     async def _write(self, queue: asyncio.Queue[Any]) -> None:
-        finished = False
-        while not finished:
+        done = False
+        while not done:
             group: list[Page] = []
             rows = 0
             entry = await queue.get()
             while True:
                 if entry is _DONE:
-                    finished = True
+                    done = True
                     break
                 group.append(entry)
                 rows += len(entry.items)
+                if entry.cursor is None:
+                    # The last page: the fetcher's end follows at once, and with it the
+                    # connector's verdict on the pass, committed with this page.
+                    entry = await queue.get()
+                    continue
                 if rows >= MAX_ROWS_PER_COMMIT or queue.empty():
                     break
                 entry = queue.get_nowait()
             if group:
-                await self._commit(group)
+                await self._commit(group, ended=done)
 
-    async def _commit(self, group: list[Page]) -> None:
+    async def _commit(self, group: list[Page], *, ended: bool) -> None:
         ctx, stats = self.ctx, self.ctx.stats
         items = [item for page in group for item in page.items]
-        async with ctx.fenced() as conn:
-            counts = await catalog.upsert(
-                conn, source=self.connector.source, account=self.connector.account, items=items
-            )
-            if self.mark_gone:
-                await catalog.record_seen(
-                    conn, run_id=ctx.run_id, external_ids={i.external_id for i in items}
+        last = group[-1]
+        cursor = last.cursor
+        if ended and cursor is None:
+            cursor = _finished(complete=self.connector.complete)
+        try:
+            async with ctx.fenced() as conn:
+                counts = await catalog.upsert(
+                    conn,
+                    source=self.connector.source,
+                    account=self.connector.account,
+                    items=items,
+                    seen_by=ctx.run_id if self.mark_gone else None,
                 )
-            stats["pages"] += len(group)
-            stats["items"] += len(items)
-            stats["created"] += counts.created
-            stats["updated"] += counts.updated
-            stats["unchanged"] += counts.unchanged
-            for page in group:
-                stats["failed"] += len(page.failed)
-                room = FAILED_SAMPLE - len(stats["failed_sample"])
-                stats["failed_sample"].extend(
-                    {"id": eid, "reason": why} for eid, why in page.failed[: max(room, 0)]
+                stats["pages"] += len(group)
+                stats["items"] += len(items) - len(counts.failed)
+                stats["created"] += counts.created
+                stats["updated"] += counts.updated
+                stats["unchanged"] += counts.unchanged
+                stats["cleaned"] += counts.cleaned
+                for page in group:
+                    self._failed(page.failed)
+                    for warning in page.warnings:
+                        if warning not in stats["warnings"]:
+                            stats["warnings"].append(warning)
+                            ctx.log.warning(warning)
+                self._failed(counts.failed)
+                await ctx.progress(
+                    done=stats["items"],
+                    total=last.total,
+                    message=self._message(last),
+                    cursor=cursor,
+                    conn=conn,
                 )
-                for warning in page.warnings:
-                    if warning not in stats["warnings"]:
-                        stats["warnings"].append(warning)
-                        ctx.log.warning(warning)
-            last = group[-1]
-            await ctx.progress(
-                done=stats["items"],
-                total=last.total,
-                message=self._message(last),
-                cursor=last.cursor,
-                conn=conn,
-            )
+        except TimeoutError as exc:
+            # asyncpg's timeout says nothing; name what was being written.
+            raise TimeoutError(
+                f"writing {len(items)} items ({last.label}) to the database timed out"
+            ) from exc
+
+    def _failed(self, failed: list[tuple[str, str]]) -> None:
+        """Count items that were not stored; keep (and log) the first few as a sample."""
+        stats = self.ctx.stats
+        stats["failed"] += len(failed)
+        room = max(FAILED_SAMPLE - len(stats["failed_sample"]), 0)
+        for eid, why in failed[:room]:
+            stats["failed_sample"].append({"id": eid, "reason": why})
+            self.ctx.log.warning("item %s not stored: %s", eid, why)
 
     def _message(self, page: Page | None, *, done: bool = False) -> str:
         s = self.ctx.stats
@@ -192,3 +254,26 @@ class _Sync:
         if done and "gone" in s:
             text += f", {s['gone']} gone"
         return text
+
+
+def finished(cursor: Any) -> dict[str, Any] | None:
+    """The end-of-pass record if `cursor` is one (see `_finished`), else None."""
+    if isinstance(cursor, Mapping) and cursor.get(FINISHED) is True:
+        return dict(cursor)
+    return None
+
+
+def _finished(*, complete: bool) -> dict[str, Any]:
+    """The cursor stored with a pass's last page: {"finished": true, "complete": …}.
+
+    A NULL cursor means "not started"; this one means "every page is committed", so a
+    resume only ends the pass. End-of-pass marking adds "gone": n. No connector cursor
+    may be a JSON object with a "finished" key (the fetcher refuses one).
+    """
+    return {FINISHED: True, "complete": complete}
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark the fetcher's exception as seen: the run reports it, or the writer's error."""
+    if not task.cancelled():
+        task.exception()

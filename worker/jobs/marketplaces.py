@@ -6,6 +6,7 @@ hold them (`username_env`, `client_secret_env`, …), read when a run starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from ..connectors.emag import MAX_PER_PAGE, PLATFORMS, EmagOffers
 from ..context import RunContext
 from ..errors import JobError
 from ..ratelimit import Rate
+from ..upstream import Timeouts, Upstream, host_label
 from .catalog import CatalogJob
 
 
@@ -45,17 +47,29 @@ def _check_rate(params: Mapping[str, Any]) -> None:
         raise ValueError(f"'rate_limit' must be calls per second (0 = unlimited), got {rate!r}")
 
 
-def _limit_key(ctx: RunContext, prefix: str) -> str:
-    """The limiter key is the account: its limit is shared by every resource."""
-    key = f"{prefix}:{ctx.params['account']}"
+def _limit_key(ctx: RunContext, source: str, base_url: str, login: str) -> str:
+    """The limiter key: the API host and who logs in there, e.g. `emag:<host>:<digest>`.
+
+    The vendor counts requests per seller account (eMAG) or application (eBay): per
+    login on one API, whatever the job calls its `account`. Two jobs with the same
+    login share one budget; the same name on two platforms gets two. The login goes
+    in as a digest: the key is a metric label and a Redis key.
+    """
+    digest = hashlib.sha256(login.encode()).hexdigest()[:12]
+    key = f"{source}:{host_label(base_url)}:{digest}"
     rate = ctx.params.get("rate_limit", 3)
     ctx.upstream.limiter.configure_once(key, Rate.per_second(float(rate)))
     return key
 
 
+def _upstream(ctx: RunContext) -> Upstream:
+    """The run's client: the job's timeouts; each retry shown as the run's progress."""
+    return ctx.upstream.bound(timeouts=Timeouts.from_params(ctx.params), on_retry=ctx.note)
+
+
 class EmagOffersJob(CatalogJob):
     """Params: account, platform | base_url, username_env, password_env, items_per_page,
-    max_pages, rate_limit, mark_gone, prefetch."""
+    max_pages, rate_limit, mark_gone, prefetch, connect_timeout, read_timeout, total_timeout."""
 
     def check_connector(self, spec: JobSpec) -> None:
         p = spec.params
@@ -71,24 +85,28 @@ class EmagOffersJob(CatalogJob):
         if not isinstance(per_page, int) or not 1 <= per_page <= MAX_PER_PAGE:
             raise ValueError(f"'items_per_page' must be 1..{MAX_PER_PAGE}, got {per_page!r}")
         _check_rate(p)
+        Timeouts.from_params(p)
 
     def connector(self, ctx: RunContext) -> Connector:
         p = ctx.params
+        base_url = p.get("base_url") or PLATFORMS[p["platform"]]
+        username = _secret(p, "username_env", ctx.job.name)
         return EmagOffers(
-            upstream=ctx.upstream,
-            base_url=p.get("base_url") or PLATFORMS[p["platform"]],
+            upstream=_upstream(ctx),
+            base_url=base_url,
             account=p["account"],
-            username=_secret(p, "username_env", ctx.job.name),
+            username=username,
             password=_secret(p, "password_env", ctx.job.name),
             items_per_page=int(p.get("items_per_page", MAX_PER_PAGE)),
             prefetch=int(p.get("prefetch", 2)),
-            limit_key=_limit_key(ctx, "emag"),
+            limit_key=_limit_key(ctx, "emag", base_url, username),
         )
 
 
 class EbayCatalogJob(CatalogJob):
     """Params: account, base_url, client_id_env, client_secret_env, marketplace_id,
-    sellers, queries, limit, max_pages, rate_limit, mark_gone."""
+    sellers, queries, limit, max_pages, rate_limit, mark_gone, connect_timeout, read_timeout,
+    total_timeout."""
 
     def __init__(self) -> None:
         self.tokens = TokenCache()
@@ -108,19 +126,22 @@ class EbayCatalogJob(CatalogJob):
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"'limit' must be 1..{MAX_LIMIT}, got {limit!r}")
         _check_rate(p)
+        Timeouts.from_params(p)
 
     def connector(self, ctx: RunContext) -> Connector:
         p = ctx.params
+        base_url = p.get("base_url", "https://api.ebay.com")
+        client_id = _secret(p, "client_id_env", ctx.job.name)
         return EbayCatalog(
-            upstream=ctx.upstream,
+            upstream=_upstream(ctx),
             tokens=self.tokens,
-            base_url=p.get("base_url", "https://api.ebay.com"),
+            base_url=base_url,
             account=p["account"],
-            client_id=_secret(p, "client_id_env", ctx.job.name),
+            client_id=client_id,
             client_secret=_secret(p, "client_secret_env", ctx.job.name),
             marketplace_id=p.get("marketplace_id", "EBAY_US"),
             sellers=p.get("sellers", []),
             queries=p["queries"],
             limit=int(p.get("limit", MAX_LIMIT)),
-            limit_key=_limit_key(ctx, "ebay"),
+            limit_key=_limit_key(ctx, "ebay", base_url, client_id),
         )

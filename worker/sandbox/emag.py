@@ -24,6 +24,7 @@ from .state import (
     failure_response,
     json_response,
     truncated_json,
+    with_nul,
 )
 
 MAX_PER_PAGE = 100
@@ -84,6 +85,8 @@ async def read(request: web.Request) -> web.Response:
         broken = dict(offers[0], sale_price="abc")
         del broken["id"]
         offers[0] = broken
+    if page in faults.nul_item_pages and offers:
+        offers[0] = with_nul(offers[0])
     if page in faults.malformed_json_pages:
         return truncated_json(envelope(offers))
     return json_response(envelope(offers), headers=caller.headers)

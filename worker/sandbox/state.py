@@ -40,6 +40,8 @@ class Faults:
     malformed_json_pages: set[int] = field(default_factory=set)
     malformed_item_pages: set[int] = field(default_factory=set)
     """The first item on these pages loses its id and gets the price "abc"."""
+    nul_item_pages: set[int] = field(default_factory=set)
+    """eMAG: the first item on these pages carries NUL characters (see `with_nul`)."""
     error_pages: set[int] = field(default_factory=set)
     """eMAG: HTTP 200 with isError true; eBay: HTTP 500 with errorId 12000."""
     rate_limit: bool = True
@@ -192,6 +194,16 @@ def failure_response(status: int) -> web.Response:
         text=f"<html><body><h1>{status} {reason.get(status, 'Error')}</h1></body></html>",
         content_type="text/html",
     )
+
+
+def with_nul(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an offer with NUL characters, which JSON allows and Postgres refuses in
+    text and jsonb: inside its name, and in a key and a value of a nested field."""
+    hostile = dict(item)
+    name = str(hostile.get("name", ""))
+    hostile["name"] = f"{name[:3]}\x00{name[3:]}"
+    hostile["characteristics"] = [{"id": 1, "name\x00": "colour", "value": "red\x00\x00"}]
+    return hostile
 
 
 def truncated_json(payload: Any) -> web.Response:

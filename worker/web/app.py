@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
@@ -19,11 +20,17 @@ from .. import catalog, runs
 from ..config import Settings
 from ..db import Pool, jsonable
 from ..election import Elector
-from ..errors import WorkerError
 from ..lease import Holder, Lease
 from . import status
+from .query import MAX_LIMIT, MAX_OFFSET, ApiError, Query, parse_run_id
 
 log = logging.getLogger(__name__)
+
+# A URL or one header longer than this is answered 414 / 431 with the JSON error body.
+MAX_URL = MAX_HEADER = 8190
+# aiohttp's parser refuses longer lines itself (plain-text 400): set above ours, so
+# that what a careless client sends gets our answer, and a flood is still cut short.
+PARSER_LIMITS = {"max_line_size": 8 * MAX_URL, "max_field_size": 2 * MAX_HEADER}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,16 +58,6 @@ def json_response(data: Any, *, status: int = 200) -> web.Response:
     )
 
 
-class ApiError(WorkerError):
-    """An error answered as {"error": {"code", "message"}} with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 def error_response(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status=status)
 
@@ -68,6 +65,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        _check_sizes(request)
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
@@ -78,6 +76,42 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the worker's log")
+
+
+def _check_sizes(request: web.Request) -> None:
+    if len(request.raw_path) > MAX_URL:
+        raise ApiError(
+            414,
+            "url_too_long",
+            f"the URL is {len(request.raw_path)} bytes; at most {MAX_URL} are accepted",
+        )
+    for name, value in request.raw_headers:
+        if len(name) + len(value) > MAX_HEADER:
+            shown = name[:64].decode("latin-1")
+            raise ApiError(
+                431,
+                "header_too_large",
+                f"header {shown} is {len(name) + len(value)} bytes; at most {MAX_HEADER}",
+            )
+
+
+def _client_mistakes(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot parse (too long, malformed) as an error with a
+    traceback; it is the client's mistake, so it becomes one line at info level."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+        # aiohttp's call: log.exception("Error handling request from %s", request.remote)
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg = "answered HTTP %d to a request from %s that could not be parsed: %s"
+        record.args = (exc.code, peer, type(exc).__name__)
+        record.exc_info = record.exc_text = None
+    return True
+
+
+# aiohttp's request handler logs to this logger (passed in `handler_args`).
+server_log = logging.getLogger("worker.web.server")
+server_log.addFilter(_client_mistakes)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -136,26 +170,18 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    q = request.query
-    status = q.get("status") or None
-    if status is not None and status not in runs.STATUSES:
-        raise ApiError(400, "bad_status", f"status must be one of {', '.join(runs.STATUSES)}")
-    try:
-        limit = int(q.get("limit", "50"))
-    except ValueError:
-        raise ApiError(400, "bad_limit", "limit must be a whole number") from None
-    if not 1 <= limit <= 1000:
-        raise ApiError(400, "bad_limit", "limit must be from 1 to 1000")
-    found = await runs.search(state.pool, job=q.get("job") or None, status=status, limit=limit)
+    q = Query(request.query, ("job", "status", "limit"))
+    found = await runs.search(
+        request.app[STATE].pool,
+        job=q.text("job"),
+        status=q.choice("status", runs.STATUSES),
+        limit=q.integer("limit", default=50, lo=1, hi=MAX_LIMIT),
+    )
     return json_response({"runs": [runs.public(r) for r in found]})
 
 
 async def get_run(request: web.Request) -> web.Response:
-    try:
-        run_id = int(request.match_info["id"])
-    except ValueError:
-        raise ApiError(400, "bad_id", "run id must be a number") from None
+    run_id = parse_run_id(request.match_info["id"])
     run = await runs.get(request.app[STATE].pool, run_id)
     if run is None:
         raise ApiError(404, "unknown_run", f"no run {run_id}")
@@ -164,11 +190,8 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def cancel_run(request: web.Request) -> web.Response:
     _require_key(request)
+    run_id = parse_run_id(request.match_info["id"])
     state = request.app[STATE]
-    try:
-        run_id = int(request.match_info["id"])
-    except ValueError:
-        raise ApiError(400, "bad_id", "run id must be a number") from None
     before = await runs.request_cancel(state.pool, run_id, by=f"api:{state.settings.worker_id}")
     if before is None:
         raise ApiError(404, "unknown_run", f"no run {run_id}")
@@ -180,32 +203,17 @@ async def cancel_run(request: web.Request) -> web.Response:
 
 
 async def list_products(request: web.Request) -> web.Response:
-    q = request.query
-    limit = _int_query(q.get("limit"), "limit", 50, 1, 1000)
-    offset = _int_query(q.get("offset"), "offset", 0, 0, None)
+    q = Query(request.query, ("source", "account", "search", "gone", "limit", "offset"))
     total, items = await catalog.search(
         request.app[STATE].pool,
-        source=q.get("source") or None,
-        account=q.get("account") or None,
-        text=q.get("search") or None,
-        include_gone=q.get("gone", "true").lower() not in ("false", "0", "no"),
-        limit=limit,
-        offset=offset,
+        source=q.text("source"),
+        account=q.text("account"),
+        text=q.text("search"),
+        include_gone=q.boolean("gone", default=True),
+        limit=q.integer("limit", default=50, lo=1, hi=MAX_LIMIT),
+        offset=q.integer("offset", default=0, lo=0, hi=MAX_OFFSET),
     )
     return json_response({"total": total, "items": [jsonable(i) for i in items]})
-
-
-def _int_query(raw: str | None, name: str, default: int, lo: int, hi: int | None) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"bad_{name}", f"{name} must be a whole number") from None
-    if value < lo or (hi is not None and value > hi):
-        bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-        raise ApiError(400, f"bad_{name}", f"{name} must be {bound}")
-    return value
 
 
 def _require_key(request: web.Request) -> None:
@@ -257,7 +265,9 @@ async def status_page(request: web.Request) -> web.Response:
 
 def build_app(state: WebState) -> web.Application:
     """The application: probes and metrics always, the API unless role=scheduler."""
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(
+        middlewares=[_errors], handler_args={**PARSER_LIMITS, "logger": server_log}
+    )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from .. import runs
+from ..logs import redact
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d2433;background:#f7f8fa}
@@ -20,7 +21,7 @@ th{background:#eef0f4;font-weight:600}td.n{text-align:right;font-variant-numeric
 .s{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;color:#fff}
 .succeeded{background:#2e7d32}.running{background:#1565c0}.queued{background:#6a6f7a}
 .failed{background:#c62828}.abandoned{background:#ef6c00}.missed{background:#8d6e63}
-.cancelled{background:#6a6f7a}.bar{width:120px;height:8px;background:#e6e8ec;border-radius:4px}
+.cancelled{background:#6a6f7a}.superseded{background:#8d6e63}.bar{width:120px;height:8px;background:#e6e8ec;border-radius:4px}
 .bar i{display:block;height:8px;background:#1565c0;border-radius:4px}
 .box{background:#fff;border:1px solid #e6e8ec;padding:10px 14px;display:inline-block}
 .err{color:#c62828}code{font-size:13px}
@@ -59,8 +60,8 @@ def _progress(run: dict[str, Any]) -> str:
     if isinstance(done, int) and isinstance(total, int) and total > 0:
         pct = min(100, round(100 * done / total))
         bar = f'<div class="bar" title="{pct}%"><i style="width:{pct}%"></i></div>'
-    message = escape(str(p.get("message") or ""))
-    error = f'<div class="err">{escape(run["error"])}</div>' if run.get("error") else ""
+    message = escape(redact(str(p.get("message") or "")))
+    error = f'<div class="err">{escape(redact(run["error"]))}</div>' if run.get("error") else ""
     return f"{bar}{message}{error}"
 
 
@@ -73,7 +74,8 @@ def render(
     recent: list[dict[str, Any]],
     now: datetime,
 ) -> str:
-    """The page's HTML; every value from the database or config is escaped."""
+    """The page's HTML; every value from the database or config is escaped, and every
+    error and progress message redacted."""
     if leader:
         lead = (
             f"<b>{escape(leader['holder'])}</b> leads (token {leader['token']},"
@@ -90,7 +92,15 @@ def render(
             kind=escape(j["kind"]),
             schedule=escape(j["schedule"] or "manual"),
             tz=escape(j["timezone"]),
-            next=_ago(j["next_slot"], now) if j["next_slot"] else "-",
+            next=(
+                '<span class="err">cannot plan: {}</span>'.format(
+                    escape(str(redact(j["planning_error"])))
+                )
+                if j.get("planning_error")
+                else _ago(j["next_slot"], now)
+                if j["next_slot"]
+                else "-"
+            ),
             last=_status(j["last_run"]["status"]) if j["last_run"] else "never ran",
             when=_ago(j["last_run"]["created_at"], now) if j["last_run"] else "",
             progress=_progress(j["last_run"]) if j["last_run"] else "",

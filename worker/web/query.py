@@ -1,0 +1,104 @@
+"""What the API accepts: one reader for query parameters and path ids, and the error
+it answers with.
+
+Every refusal is an `ApiError` 400 whose code is `bad_<parameter>` (or
+`unknown_parameter`) and whose message names the parameter and what it accepts, so
+no input reaches the database that it would refuse (ids past bigint, NUL in text).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from multidict import MultiMapping
+
+from ..errors import WorkerError
+
+MAX_ID = 2**63 - 1  # ids are bigint
+MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000
+MAX_TEXT = 200
+TRUE, FALSE = ("true", "1"), ("false", "0")
+
+_INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only: int() also takes "+5", "1_0"
+
+
+class ApiError(WorkerError):
+    """An error answered as {"error": {"code", "message"}} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad(name: str, message: str) -> ApiError:
+    return ApiError(400, f"bad_{name}", f"{name}: {message}")
+
+
+def integer(raw: str, name: str, *, lo: int, hi: int) -> int:
+    """A whole number from `lo` to `hi`, written in ASCII digits."""
+    value = int(raw) if _INTEGER.fullmatch(raw) else None
+    if value is None or not lo <= value <= hi:
+        raise bad(name, f"must be a whole number from {lo} to {hi}, got {_shown(raw)}")
+    return value
+
+
+def parse_run_id(raw: str) -> int:
+    """A run id from the path: 1 to the largest bigint."""
+    return integer(raw, "id", lo=1, hi=MAX_ID)
+
+
+def _shown(raw: str) -> str:
+    return repr(raw if len(raw) <= 40 else raw[:40] + "…")
+
+
+class Query:
+    """The query string of one request, read against the parameters an endpoint takes.
+
+    An unknown or repeated parameter is refused at once; an empty value counts as
+    not given.
+    """
+
+    def __init__(self, query: MultiMapping[str], takes: Sequence[str]) -> None:
+        for name in query:
+            if name not in takes:
+                raise ApiError(
+                    400,
+                    "unknown_parameter",
+                    f"unknown query parameter {_shown(name)}; this endpoint takes"
+                    f" {', '.join(takes)}",
+                )
+            if len(query.getall(name)) > 1:
+                raise bad(name, "given more than once; give it once")
+        self._query = query
+
+    def text(self, name: str) -> str | None:
+        """A string of at most MAX_TEXT characters with no NUL; None if not given."""
+        raw = self._query.get(name) or None
+        if raw is not None and "\x00" in raw:
+            raise bad(name, "must not contain a NUL character")
+        if raw is not None and len(raw) > MAX_TEXT:
+            raise bad(name, f"must be at most {MAX_TEXT} characters, got {len(raw)}")
+        return raw
+
+    def choice(self, name: str, options: Sequence[str]) -> str | None:
+        raw = self._query.get(name) or None
+        if raw is not None and raw not in options:
+            raise bad(name, f"must be one of {', '.join(options)}, got {_shown(raw)}")
+        return raw
+
+    def integer(self, name: str, *, default: int, lo: int, hi: int) -> int:
+        raw = self._query.get(name) or None
+        return default if raw is None else integer(raw, name, lo=lo, hi=hi)
+
+    def boolean(self, name: str, *, default: bool) -> bool:
+        """true or 1, false or 0 (any case)."""
+        raw = self._query.get(name) or None
+        if raw is None:
+            return default
+        if raw.lower() in TRUE + FALSE:
+            return raw.lower() in TRUE
+        raise bad(name, f"must be true or false (or 1 or 0), got {_shown(raw)}")
