@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+from redis.asyncio import Redis
+
 from worker.config import JobSpec, Settings, load_jobs
 from worker.context import RunContext
+from worker.lease import Grant, Lease
+from worker.scheduler import Leader
 
 
 class RecordingJob:
@@ -48,3 +54,21 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, step: f
             return value
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(step)
+
+
+@asynccontextmanager
+async def leading(leader: Leader, grant: Grant) -> AsyncIterator[None]:
+    """Run the leader work for the block, then end the term as the elector would."""
+    task = asyncio.create_task(leader.run(grant))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def grant_for(redis: Redis, prefix: str, holder: str) -> Grant:
+    grant, _ = await Lease(redis, prefix=prefix).acquire(holder=holder, ttl=30)
+    assert grant is not None
+    return grant

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,33 +30,13 @@ from worker.schedule import CronSchedule
 from worker.scheduler import Leader
 from worker.upstream import Upstream, open_upstream
 
-from .helpers import RecordingJob, eventually, settings_with_jobs
+from .helpers import RecordingJob, eventually, grant_for, leading, settings_with_jobs
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     async with open_upstream() as up:
         yield up
-
-
-# The same two helpers as in test_scheduler.py, kept here so this file does not depend on
-# another test module.
-@asynccontextmanager
-async def leading(leader: Leader, grant: Grant) -> AsyncIterator[None]:
-    """Run the leader work for the block, then end the term as the elector would."""
-    task = asyncio.create_task(leader.run(grant))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
-async def grant_for(redis: Redis, prefix: str, holder: str) -> Grant:
-    grant, _ = await Lease(redis, prefix=prefix).acquire(holder=holder, ttl=30)
-    assert grant is not None
-    return grant
 
 
 class Resumable:
@@ -701,3 +680,50 @@ async def test_a_planning_error_is_isolated_to_its_job(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- a handed-off sync resumes before a new slot of its job starts ------------------------
+
+EVERY_SECOND_RESUMABLE = """
+[[jobs]]
+name = "faults-handoff-order"
+kind = "res"
+schedule = "* * * * * *"
+overlap = "forbid"
+misfire = "latest"
+"""
+
+
+async def test_a_new_term_resumes_a_handed_off_sync_before_starting_a_new_slot(
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """Seen running `make run` twice: the new term's first tick started a fresh slot of
+    the job before its reaper had queued the resume of the pass the old term handed
+    off; the resume then waited, and was dropped as superseded. A new term now makes
+    one reaper pass before it plans anything, so the interrupted pass goes first."""
+    settings = settings_with_jobs(
+        tmp_path, EVERY_SECOND_RESUMABLE, database_url=database_url, reap_after=60.0
+    )
+    await db.raise_fence(pool, token=1, holder="old")
+    handed_off: int = await pool.fetchval(
+        "INSERT INTO runs (job, kind, slot, trigger, status, token, attempt, cursor, handed_off,"
+        " started_at, finished_at, error) VALUES ('faults-handoff-order', 'res', now() - interval"
+        " '5 seconds', 'schedule', 'abandoned', 1, 1, '{\"page\": 7}', true, now(), now(),"
+        " 'leadership ended: shutdown') RETURNING id"
+    )
+    job = Resumable(sleep=0.2)
+    grant = await newer_grant(redis, key_prefix, "new", above=1)
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"res": job})
+    async with leading(leader, grant):
+        await eventually(lambda: len(job.runs) >= 2, timeout=10)
+    first = job.runs[0]
+    assert first.resumed_from == handed_off, (
+        f"a new slot ({first.trigger}) started before the resume of run {handed_off}"
+    )
+    assert first.cursor == {"page": 7}
+    assert first.attempt == 1

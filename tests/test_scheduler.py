@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from worker.lease import Grant, Lease
 from worker.scheduler import Leader
 from worker.upstream import Upstream, open_upstream
 
-from .helpers import RecordingJob, eventually, settings_with_jobs
+from .helpers import RecordingJob, eventually, grant_for, leading, settings_with_jobs
 
 EVERY_MINUTE = """
 [[jobs]]
@@ -42,24 +41,6 @@ kind = "rec"
 async def upstream() -> AsyncIterator[Upstream]:
     async with open_upstream() as up:
         yield up
-
-
-@asynccontextmanager
-async def leading(leader: Leader, grant: Grant) -> AsyncIterator[None]:
-    """Run the leader work for the block, then end the term as the elector would."""
-    task = asyncio.create_task(leader.run(grant))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
-async def grant_for(redis: Redis, prefix: str, holder: str) -> Grant:
-    grant, _ = await Lease(redis, prefix=prefix).acquire(holder=holder, ttl=30)
-    assert grant is not None
-    return grant
 
 
 async def test_concurrent_claims_of_one_slot_insert_one_run(pool: db.Pool) -> None:

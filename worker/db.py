@@ -143,6 +143,8 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Connection:
     return conn
 
 
+_CLIENT_STATE = asyncpg.exceptions.InternalClientError
+
 # SQLSTATE classes of errors that say nothing about the statement itself: the
 # connection, the server or a concurrent transaction. Retrying can succeed.
 _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
@@ -152,7 +154,9 @@ _TRANSIENT_STATES = {"55P03", "55006"}  # lock_not_available, object_in_use
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying (a lost connection, a restart, a timeout, a
     deadlock); False for deterministic ones (bad data, a constraint, a syntax error)."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | _CLIENT_STATE):
+        # InternalClientError: a connection left mid-operation by a timeout or a lost
+        # server ("another operation is in progress"); the pool replaces it.
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
@@ -162,7 +166,7 @@ def is_transient(exc: BaseException) -> bool:
 
 # Everything a database call can raise that is not a bug of ours; callers catch this
 # and then ask is_transient() whether to retry or to fail.
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, _CLIENT_STATE, OSError, TimeoutError)
 
 
 def where(url: str) -> str:

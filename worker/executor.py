@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiojobs
-import asyncpg
 
 from . import db, logs, metrics, runs
 from .config import JobSpec, Settings
@@ -244,7 +243,7 @@ def _database_error(exc: BaseException) -> BaseException | None:
     current: BaseException | None = exc
     found: BaseException | None = None
     while current is not None and seen < 5:
-        if isinstance(current, asyncpg.PostgresError | asyncpg.InterfaceError):
+        if isinstance(current, db.DB_ERRORS) and not isinstance(current, OSError | TimeoutError):
             found = current
         current = current.__context__
         seen += 1

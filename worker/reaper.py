@@ -31,25 +31,36 @@ async def reap_forever(
     wake: asyncio.Event,
 ) -> None:
     """Every REAP_EVERY seconds, until a newer leader raises the fence."""
-    resumable = [name for name, kind in kinds.items() if kind.resumable]
     next_prune = 0.0
     while True:
+        await asyncio.sleep(REAP_EVERY)
         try:
-            async with db.fenced(pool, token) as conn:
-                await _reap_once(conn, settings, token, executor, resumable)
-                loop_time = asyncio.get_running_loop().time()
-                if loop_time >= next_prune:
-                    next_prune = loop_time + PRUNE_EVERY
+            await reap_now(
+                settings=settings, pool=pool, kinds=kinds, token=token, executor=executor
+            )
+            loop_time = asyncio.get_running_loop().time()
+            if loop_time >= next_prune:
+                next_prune = loop_time + PRUNE_EVERY
+                async with db.fenced(pool, token) as conn:
                     pruned = await runs.prune(conn, keep=settings.keep_runs)
-                    if pruned:
-                        log.info("pruned %d finished runs older than the retention", pruned)
+                if pruned:
+                    log.info("pruned %d finished runs older than the retention", pruned)
         except Fenced:
             fenced.set()
             wake.set()
             return
         except db.DB_ERRORS as exc:
             log.warning("reaper failed (%s), retrying in %.0fs", exc, REAP_EVERY)
-        await asyncio.sleep(REAP_EVERY)
+
+
+async def reap_now(
+    *, settings: Settings, pool: Pool, kinds: Mapping[str, JobKind], token: int, executor: Executor
+) -> None:
+    """One pass. A new term runs one before it plans any slot, so the resume of a sync
+    its predecessor handed off is queued before a new slot of that job could start."""
+    resumable = [name for name, kind in kinds.items() if kind.resumable]
+    async with db.fenced(pool, token) as conn:
+        await _reap_once(conn, settings, token, executor, resumable)
 
 
 async def _reap_once(

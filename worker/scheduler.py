@@ -25,7 +25,7 @@ from .executor import Executor
 from .lease import Grant
 from .listener import listen_forever
 from .planner import POLL_EVERY, Planner
-from .reaper import reap_forever
+from .reaper import reap_forever, reap_now
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Leader:
         ]
         reason = "leadership ended"
         try:
+            await self._first_reap(executor)
             await self._loop(executor, planner)
         except asyncio.CancelledError as exc:
             reason = f"leadership ended: {exc.args[0] if exc.args else 'cancelled'}"
@@ -121,6 +122,20 @@ class Leader:
             await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(Fenced, *db.DB_ERRORS):
                 await db.end_term(self.pool, token=self.token, reason=reason)
+
+    async def _first_reap(self, executor: Executor) -> None:
+        try:
+            await reap_now(
+                settings=self.settings,
+                pool=self.pool,
+                kinds=self.kinds,
+                token=self.token,
+                executor=executor,
+            )
+        except Fenced as exc:
+            raise StepDown(str(exc)) from exc
+        except db.DB_ERRORS as exc:
+            log.warning("first reaper pass failed (%s); the reaper will try again", exc)
 
     async def _loop(self, executor: Executor, planner: Planner) -> None:
         failures = 0
