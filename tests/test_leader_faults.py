@@ -727,3 +727,35 @@ async def test_a_new_term_resumes_a_handed_off_sync_before_starting_a_new_slot(
     )
     assert first.cursor == {"page": 7}
     assert first.attempt == 1
+
+
+async def test_hand_offs_past_the_cap_spend_attempts(pool: db.Pool) -> None:
+    """A run that itself makes its leader step down (blocking the event loop past the
+    renew deadline) would otherwise be handed off and resumed for ever, flapping the
+    leadership: past `max_handoffs` a hand-off counts as a failed attempt."""
+    await db.raise_fence(pool, token=1, holder="t")
+    run_id = await pool.fetchval(
+        "INSERT INTO runs (job, kind, trigger, status, attempt, handed_off, handoffs,"
+        " finished_at) VALUES ('faults-flap', 'res', 'manual', 'abandoned', 1, true, 0, now())"
+        " RETURNING id"
+    )
+    attempts = []
+    for _ in range(8):
+        async with db.fenced(pool, 1) as conn:
+            queued = await runs.queue_resumes(
+                conn, kinds=["res"], max_attempts=5, max_handoffs=2, only=[run_id]
+            )
+            given_up = await runs.give_up(conn, kinds=["res"], max_attempts=5, max_handoffs=2)
+        if given_up:
+            break
+        assert len(queued) == 1
+        run_id = queued[0][0]
+        attempts.append(await pool.fetchval("SELECT attempt FROM runs WHERE id = $1", run_id))
+        await pool.execute(  # handed off again
+            "UPDATE runs SET status = 'abandoned', handed_off = true, finished_at = now()"
+            " WHERE id = $1",
+            run_id,
+        )
+    assert attempts == [1, 1, 2, 3, 4, 5]
+    assert given_up
+    assert given_up[0]["id"] == run_id

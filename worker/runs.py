@@ -15,14 +15,24 @@ from .db import NOTIFY_CHANNEL, Connection, Pool, jsonable
 from .logs import redact
 
 ACTIVE = ("queued", "running")
+# Hand-offs one resume chain may have before a hand-off counts as a failed attempt.
+MAX_HANDOFFS = 30
+
+
 FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed", "superseded")
 STATUSES = ACTIVE + FINAL
 
 _COLUMNS = (
     "id, job, kind, slot, trigger, status, token, attempt, params, cursor, progress, stats,"
     " result, error, resumed_from, requested_by, worker_id, heartbeat_at, created_at,"
-    " started_at, finished_at, cancel_requested_at, handed_off, given_up_at"
+    " started_at, finished_at, cancel_requested_at, handed_off, handoffs, given_up_at"
 )
+
+
+def _free(cap: str) -> str:
+    """SQL: run `r` was handed off and its chain is still under the hand-off cap `cap`
+    (a query parameter), so resuming it does not spend an attempt."""
+    return f"(r.handed_off AND r.handoffs < {cap})"
 
 
 async def job_since(conn: Connection, job: str) -> datetime:
@@ -272,6 +282,7 @@ async def queue_resumes(
     *,
     kinds: list[str],
     max_attempts: int,
+    max_handoffs: int = MAX_HANDOFFS,
     within: float = 86400.0,
     only: list[int] | None = None,
 ) -> list[tuple[int, int]]:
@@ -279,17 +290,19 @@ async def queue_resumes(
 
     The new run starts from the abandoned run's last committed cursor and carries its
     stats, so nothing committed is fetched again. A run handed off (its leader shut
-    down or stepped down) is always resumed and keeps its attempt number; a run that
-    failed (its leader died, the database dropped it) spends one of `max_attempts`.
-    `only` limits it to those run ids. Returns (new id, abandoned id) pairs.
+    down or stepped down) keeps its attempt number, up to `max_handoffs` hand-offs in
+    one chain; a run that failed (its leader died, the database dropped it), or a
+    hand-off past that cap, spends one of `max_attempts`. `only` limits it to those
+    run ids. Returns (new id, abandoned id) pairs.
     """
     rows = await conn.fetch(
         "INSERT INTO runs (job, kind, trigger, status, params, cursor, stats, attempt,"
-        " resumed_from, requested_by)"
+        " handoffs, resumed_from, requested_by)"
         " SELECT r.job, r.kind, 'resume', 'queued', r.params, r.cursor, r.stats,"
-        " r.attempt + CASE WHEN r.handed_off THEN 0 ELSE 1 END, r.id, 'reaper' FROM runs r"
+        f" r.attempt + CASE WHEN {_free('$5')} THEN 0 ELSE 1 END,"
+        " r.handoffs + CASE WHEN r.handed_off THEN 1 ELSE 0 END, r.id, 'reaper' FROM runs r"
         " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[])"
-        " AND (r.handed_off OR r.attempt < $2) AND r.given_up_at IS NULL"
+        f" AND ({_free('$5')} OR r.attempt < $2) AND r.given_up_at IS NULL"
         " AND r.finished_at > now() - make_interval(secs => $3)"
         " AND ($4::bigint[] IS NULL OR r.id = ANY($4::bigint[]))"
         " AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.resumed_from = r.id)"
@@ -298,23 +311,27 @@ async def queue_resumes(
         max_attempts,
         within,
         only,
+        max_handoffs,
     )
     if rows:
         await conn.execute("SELECT pg_notify($1, 'resume')", NOTIFY_CHANNEL)
     return [(int(r["id"]), int(r["resumed_from"])) for r in rows]
 
 
-async def give_up(conn: Connection, *, kinds: list[str], max_attempts: int) -> list[dict[str, Any]]:
+async def give_up(
+    conn: Connection, *, kinds: list[str], max_attempts: int, max_handoffs: int = MAX_HANDOFFS
+) -> list[dict[str, Any]]:
     """Mark resume chains that ran out of attempts as given up, once; returns them."""
     rows = await conn.fetch(
         "UPDATE runs r SET given_up_at = now(), error = coalesce(r.error, 'abandoned')"
         " || ' (given up after ' || r.attempt || ' failed attempts: nothing continues it)'"
-        " WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[]) AND NOT r.handed_off"
+        f" WHERE r.status = 'abandoned' AND r.kind = ANY($1::text[]) AND NOT {_free('$3')}"
         " AND r.attempt >= $2 AND r.given_up_at IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.resumed_from = r.id)"
         f" RETURNING {_COLUMNS}",
         kinds,
         max_attempts,
+        max_handoffs,
     )
     return [dict(r) for r in rows]
 
