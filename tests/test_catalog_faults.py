@@ -75,7 +75,7 @@ async def test_nul_characters_are_removed_and_every_pass_completes(
 ) -> None:
     market = await start_marketplace(aiohttp_server)
     market.sandbox.faults.nul_item_pages = {2}  # offer 11: NUL in its name and nested
-    params = emag_params(market, monkeypatch, mark_gone=True)
+    params = emag_params(market, monkeypatch, mark_gone=True, gone_after=1)
     offer = market.sandbox.catalog.emag_page("ro", "main", page=2, per_page=10)[0]
     hostile = with_nul(offer)
     assert "\x00" in hostile["name"]
@@ -179,7 +179,7 @@ async def test_item_the_database_refuses_is_counted_and_sampled_and_the_run_succ
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     market = await start_marketplace(aiohttp_server)
-    params = emag_params(market, monkeypatch, mark_gone=True)
+    params = emag_params(market, monkeypatch, mark_gone=True, gone_after=1)
 
     out = await sync(pool, upstream, OverpricingEmag(), params)
 
@@ -412,7 +412,7 @@ async def test_resume_after_the_last_page_was_committed_fetches_nothing(
     market = await start_marketplace(aiohttp_server)
     # max_pages is exactly the catalogue's 5 pages: a resume that fetched again would
     # fail at once, its pages counted on top of the 5 already committed.
-    params = emag_params(market, monkeypatch, mark_gone=True, max_pages=5)
+    params = emag_params(market, monkeypatch, mark_gone=True, max_pages=5, gone_after=1)
     assert (await sync(pool, upstream, EmagOffersJob(), params)).error is None
     market.sandbox.catalog.remove_emag_offer("ro", "main", 45)
     spec = job_spec(EmagOffersJob(), params)

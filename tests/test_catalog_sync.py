@@ -332,7 +332,7 @@ async def test_mark_gone_covers_the_whole_run_chain(pool: db.Pool) -> None:
         await catalog.record_seen(conn, run_id=first, external_ids=["1"])
         await catalog.record_seen(conn, run_id=second, external_ids=["3"])
         chain = await catalog.run_chain(conn, second)
-        gone = await catalog.mark_gone(conn, source="s", account="a", run_ids=chain)
+        gone = (await catalog.mark_gone(conn, source="s", account="a", run_ids=chain)).gone
     assert chain == [second, first]
     assert gone == 1
     rows = await pool.fetch(
@@ -407,7 +407,7 @@ async def test_second_sync_without_changes_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     market = await start_marketplace(aiohttp_server)
-    params = emag_params(market, monkeypatch, mark_gone=True)
+    params = emag_params(market, monkeypatch, mark_gone=True, gone_after=1)
     job = EmagOffersJob()
     assert (await sync(pool, upstream, job, params)).error is None
     before = await products(pool, "emag", "main")
@@ -456,7 +456,7 @@ async def test_removed_items_gone_only_with_mark_gone_and_cleared_when_back(
     market = await start_marketplace(aiohttp_server)
     job = EmagOffersJob()
     keep = emag_params(market, monkeypatch, mark_gone=False)
-    prune = emag_params(market, monkeypatch, mark_gone=True)
+    prune = emag_params(market, monkeypatch, mark_gone=True, gone_after=1)
     assert (await sync(pool, upstream, job, prune)).error is None
     for offer_id in (7, 45):
         market.sandbox.catalog.remove_emag_offer("ro", "main", offer_id)
@@ -476,7 +476,9 @@ async def test_removed_items_gone_only_with_mark_gone_and_cleared_when_back(
 
     # The same seed elsewhere still lists 7 and 45: they are back, no longer gone.
     fresh = await start_marketplace(aiohttp_server)
-    back = await sync(pool, upstream, job, emag_params(fresh, monkeypatch, mark_gone=True))
+    back = await sync(
+        pool, upstream, job, emag_params(fresh, monkeypatch, mark_gone=True, gone_after=1)
+    )
     assert back.error is None
     assert (back.stats["updated"], back.stats["created"], back.stats["gone"]) == (2, 0, 0)
     rows = await products(pool, "emag", "main")
@@ -511,7 +513,7 @@ async def test_max_pages_cap_fails_the_run_and_keeps_what_was_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     market = await start_marketplace(aiohttp_server)
-    params = emag_params(market, monkeypatch, max_pages=2, mark_gone=True)
+    params = emag_params(market, monkeypatch, max_pages=2, mark_gone=True, gone_after=1)
 
     out = await sync(pool, upstream, EmagOffersJob(), params)
 
@@ -552,7 +554,7 @@ async def test_resume_from_cursor_fetches_no_page_twice(
 ) -> None:
     market = await start_marketplace(aiohttp_server)
     job = EmagOffersJob()
-    params = emag_params(market, monkeypatch, mark_gone=True)
+    params = emag_params(market, monkeypatch, mark_gone=True, gone_after=1)
     assert (await sync(pool, upstream, job, params)).error is None
     # Gone from the end of the listing (earlier pages keep their offers): the pass that
     # spans the two runs below must mark this one, and only this one, gone.

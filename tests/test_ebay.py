@@ -92,7 +92,7 @@ async def test_changed_price_updates_and_a_repeat_sync_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     market = await start_marketplace(aiohttp_server)
-    params = ebay_params(market, monkeypatch, mark_gone=True)
+    params = ebay_params(market, monkeypatch, mark_gone=True, gone_after=1)
     job = EbayCatalogJob()
     assert (await sync(pool, upstream, job, params)).error is None
     before = await products(pool, "ebay", "parts")

@@ -247,7 +247,7 @@ async def _merge(
         " name = EXCLUDED.name, sku = EXCLUDED.sku, ean = EXCLUDED.ean,"
         " price = EXCLUDED.price, currency = EXCLUDED.currency, stock = EXCLUDED.stock,"
         " status = EXCLUDED.status, url = EXCLUDED.url, raw = EXCLUDED.raw,"
-        " hash = EXCLUDED.hash, last_seen = now(), gone_at = NULL"
+        " hash = EXCLUDED.hash, last_seen = now(), gone_at = NULL, missed_passes = 0"
         " WHERE p.hash <> EXCLUDED.hash OR p.gone_at IS NOT NULL"
         " RETURNING (xmax = 0) AS created)"
         " SELECT count(*) FILTER (WHERE created) AS created, count(*) AS written FROM merged",
@@ -269,19 +269,80 @@ async def record_seen(conn: Connection, *, run_id: int, external_ids: Iterable[s
     )
 
 
-async def mark_gone(conn: Connection, *, source: str, account: str, run_ids: list[int]) -> int:
-    """After a complete pass: items of (source, account) no run of the pass saw are gone."""
-    result: str = await conn.execute(
-        "UPDATE products p SET gone_at = now()"
-        " WHERE p.source = $1 AND p.account = $2 AND p.gone_at IS NULL AND NOT EXISTS ("
-        "   SELECT 1 FROM sync_seen s"
-        "   WHERE s.run_id = ANY($3::bigint[]) AND s.external_id = p.external_id)",
+@dataclass(frozen=True)
+class GoneCheck:
+    """What the end of a complete pass decided about the items it did not see."""
+
+    live_before: int  # items of (source, account) not gone when the pass ended
+    seen: int  # distinct items the pass (all runs of its chain) listed
+    missing: int  # live items it did not list: one more missed pass each
+    gone: int  # of those, the ones now missing from `gone_after` passes: marked gone
+    guarded: bool  # the pass saw too few items to judge: nothing was counted
+
+    def as_stats(self, *, gone_after: int, guard: float) -> dict[str, Any]:
+        return {
+            "live_before": self.live_before,
+            "seen": self.seen,
+            "missing": self.missing,
+            "gone": self.gone,
+            "gone_after": gone_after,
+            "gone_guard": guard,
+            "guarded": self.guarded,
+        }
+
+
+async def mark_gone(
+    conn: Connection,
+    *,
+    source: str,
+    account: str,
+    run_ids: list[int],
+    gone_after: int = 1,
+    guard: float = 0.0,
+) -> GoneCheck:
+    """After a complete pass: count a missed pass for each live item of (source,
+    account) that no run of the pass saw, and mark gone those missed `gone_after`
+    passes in a row; an item seen again starts from zero.
+
+    A pass that listed fewer than `guard` times the items live before it decides nothing
+    (a vendor answering a truncated list must not wipe the catalogue).
+    """
+    live_before: int = await conn.fetchval(
+        "SELECT count(*) FROM products WHERE source = $1 AND account = $2 AND gone_at IS NULL",
+        source,
+        account,
+    )
+    seen: int = await conn.fetchval(
+        "SELECT count(DISTINCT external_id) FROM sync_seen WHERE run_id = ANY($1::bigint[])",
+        run_ids,
+    )
+    if live_before and seen < guard * live_before:
+        await conn.execute("DELETE FROM sync_seen WHERE run_id = ANY($1::bigint[])", run_ids)
+        return GoneCheck(live_before, seen, missing=0, gone=0, guarded=True)
+    seen_here = (
+        "EXISTS (SELECT 1 FROM sync_seen s"
+        " WHERE s.run_id = ANY($3::bigint[]) AND s.external_id = p.external_id)"
+    )
+    await conn.execute(
+        "UPDATE products p SET missed_passes = 0"
+        f" WHERE p.source = $1 AND p.account = $2 AND p.missed_passes > 0 AND {seen_here}",
         source,
         account,
         run_ids,
     )
+    row = await conn.fetchrow(
+        "WITH missed AS (UPDATE products p SET missed_passes = p.missed_passes + 1,"
+        " gone_at = CASE WHEN p.missed_passes + 1 >= $4 THEN now() END"
+        f" WHERE p.source = $1 AND p.account = $2 AND p.gone_at IS NULL AND NOT {seen_here}"
+        " RETURNING gone_at IS NOT NULL AS gone)"
+        " SELECT count(*) AS missing, count(*) FILTER (WHERE gone) AS gone FROM missed",
+        source,
+        account,
+        run_ids,
+        gone_after,
+    )
     await conn.execute("DELETE FROM sync_seen WHERE run_id = ANY($1::bigint[])", run_ids)
-    return int(result.split()[-1])
+    return GoneCheck(live_before, seen, int(row["missing"]), int(row["gone"]), guarded=False)
 
 
 async def run_chain(conn: Connection, run_id: int) -> list[int]:

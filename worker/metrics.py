@@ -30,6 +30,11 @@ RUNS_GIVEN_UP = Counter(
     "Resumable runs given up for good after their last failed attempt",
     ["job"],
 )
+GONE_GUARD_TRIPS = Counter(
+    "worker_gone_guard_trips_total",
+    "Complete passes that listed too few items to mark anything gone",
+    ["job"],
+)
 RUNS_SUPERSEDED = Counter(
     "worker_runs_superseded_total",
     "Resumes dropped because a newer complete pass of the job finished first",

@@ -31,6 +31,8 @@ _PACING = {
     "connect_timeout",
     "read_timeout",
     "total_timeout",
+    "gone_after",
+    "gone_guard",
 }
 _SOURCES = {"emag.offers": "emag", "ebay.catalog": "ebay"}
 

@@ -21,13 +21,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
-from .. import catalog
+from .. import catalog, metrics
 from ..config import JobSpec
 from ..connectors.base import Connector, Page
 from ..context import RunContext
 from ..errors import JobError
 
 FAILED_SAMPLE = 20
+GONE_AFTER = 2  # complete passes an item must be missing from before it is marked gone
+GONE_GUARD = 0.5  # a pass listing fewer than this share of the live items marks nothing
 MAX_ROWS_PER_COMMIT = 5000
 QUEUE_PAGES = 64
 FETCHER_STOP = 5.0  # seconds a cancelled fetcher gets to close the connector
@@ -47,6 +49,12 @@ class CatalogJob(ABC):
                 raise ValueError(f"'{key}' must be a whole number >= 1, got {p[key]!r}")
         if "mark_gone" in p and not isinstance(p["mark_gone"], bool):
             raise ValueError(f"'mark_gone' must be true or false, got {p['mark_gone']!r}")
+        after = p.get("gone_after", GONE_AFTER)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+            raise ValueError(f"'gone_after' must be a whole number of passes >= 1, got {after!r}")
+        guard = p.get("gone_guard", GONE_GUARD)
+        if isinstance(guard, bool) or not isinstance(guard, int | float) or not 0 <= guard <= 1:
+            raise ValueError(f"'gone_guard' must be a share from 0 to 1, got {guard!r}")
         if not isinstance(p.get("account", ""), str):
             raise ValueError("'account' must be a string")
         self.check_connector(spec)
@@ -71,6 +79,8 @@ class _Sync:
         self.connector = connector
         self.max_pages: int | None = ctx.params.get("max_pages")
         self.mark_gone = bool(ctx.params.get("mark_gone", False))
+        self.gone_after = int(ctx.params.get("gone_after", GONE_AFTER))
+        self.gone_guard = float(ctx.params.get("gone_guard", GONE_GUARD))
         s = ctx.stats
         for key in ("pages", "items", "created", "updated", "unchanged", "failed", "cleaned"):
             s.setdefault(key, 0)
@@ -115,10 +125,26 @@ class _Sync:
             return int(end["gone"])
         async with ctx.fenced() as conn:
             chain = await catalog.run_chain(conn, ctx.run_id)
-            gone = await catalog.mark_gone(
-                conn, source=self.connector.source, account=self.connector.account, run_ids=chain
+            check = await catalog.mark_gone(
+                conn,
+                source=self.connector.source,
+                account=self.connector.account,
+                run_ids=chain,
+                gone_after=self.gone_after,
+                guard=self.gone_guard,
             )
+            gone = check.gone
             stats["gone"] = gone
+            stats["gone_check"] = check.as_stats(gone_after=self.gone_after, guard=self.gone_guard)
+            if check.guarded:
+                warning = (
+                    f"gone guard: this pass listed {check.seen} items, fewer than"
+                    f" {self.gone_guard:.0%} of the {check.live_before} live before it;"
+                    " nothing was counted missing or marked gone"
+                )
+                stats["warnings"].append(warning)
+                ctx.log.warning(warning)
+                metrics.GONE_GUARD_TRIPS.labels(ctx.job.name).inc()
             # In the same transaction: a resume never marks twice (the chain's seen ids
             # are gone by then, so a second marking would take every item).
             await ctx.progress(
