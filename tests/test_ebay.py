@@ -206,7 +206,9 @@ async def test_paging_stops_at_10_000_with_a_warning_and_nothing_marked_gone(
     assert max(r.offset or 0 for r in market.requests) == 9_800
     assert 400 not in market.statuses("ebay")
     warnings = out.stats["warnings"]
-    assert any("10000" in w and "50 were not fetched" in w for w in warnings), warnings
+    assert any("'for' reached eBay's cap of 10000" in w and "10050" in w for w in warnings), (
+        warnings
+    )
     assert out.result["gone"] == 0
     stale = await pool.fetchval("SELECT gone_at FROM products WHERE external_id = 'v1|1|0'")
     assert stale is None

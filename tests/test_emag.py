@@ -123,7 +123,7 @@ async def test_too_high_rate_limit_meets_429s_that_are_backed_off_and_retried(
     market = await start_marketplace(aiohttp_server, rate=3, emag_items=60)
     params = emag_params(market, monkeypatch, rate_limit=10, prefetch=3)
     # Enough attempts that a request refused a few times in a row still gets through.
-    async with open_upstream(retry=RetryPolicy(attempts=8, base=0.01)) as upstream:
+    async with open_upstream(retry=RetryPolicy(attempts=12, base=0.01)) as upstream:
         out = await sync(pool, upstream, EmagOffersJob(), params)
 
     assert out.error is None

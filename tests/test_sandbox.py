@@ -179,7 +179,7 @@ async def test_fourth_request_within_a_second_is_429_per_account(
     resp = await client.post(f"{EMAG}/count", headers=MAIN)
     assert resp.status == 429
     assert await resp.json() == {"message": "API rate limit exceeded"}
-    assert resp.headers["Retry-After"] == "1"
+    assert "Retry-After" not in resp.headers  # eMAG documents none on its 429
     assert resp.headers["X-RateLimit-Limit-3second"] == "3"
     assert resp.headers["X-RateLimit-Remaining-3second"] == "0"
     other = await client.post(f"{EMAG}/count", headers=FBE)
@@ -321,7 +321,7 @@ async def test_ebay_catalog_mutations(make_client: MakeClient) -> None:
     ("params", "error_id"),
     [
         ({"offset": "10000", "limit": "50"}, 12029),
-        ({"offset": "9950", "limit": "100"}, 12029),
+        ({"offset": "10050", "limit": "150"}, 12029),
         ({"offset": "30", "limit": "20"}, 12515),
         ({"offset": "-50", "limit": "50"}, 12004),
         ({"limit": "201"}, 12006),

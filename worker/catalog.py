@@ -38,8 +38,8 @@ _STAGE_COLUMNS = (
     "hash",
 )
 PUBLIC_COLUMNS = (
-    "source, account, external_id, name, sku, ean, price, currency, stock, status, url,"
-    " first_seen, last_seen, gone_at"
+    "source, account, external_id, name, sku, ean, mpn, brand, price, currency, stock,"
+    " status, url, first_seen, last_seen, gone_at, details, details_at, details_pending"
 )
 
 
@@ -57,6 +57,23 @@ class Item:
     stock: int | None = None
     status: str | None = None
     url: str | None = None
+
+
+@dataclass(frozen=True)
+class Details:
+    """What an item's own page says that its summary in a list does not.
+
+    `aspects` are the item specifics (name -> values); `compatibility` the parts
+    compatibility rows where the vendor gives them (None when it does not).
+    """
+
+    external_id: str
+    ean: str | None = None
+    mpn: str | None = None
+    brand: str | None = None
+    aspects: dict[str, list[str]] = field(default_factory=dict)
+    compatibility: list[dict[str, Any]] | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,13 +200,16 @@ async def upsert(
     account: str,
     items: Sequence[Item],
     seen_by: int | None = None,
+    want_details: bool = False,
 ) -> UpsertCounts:
     """Merge a batch inside the caller's transaction; counts created/updated/unchanged.
 
     NUL characters are removed first. An item the database still refuses is left out
     and reported in `failed` with the database's reason; the others are stored. With
     `seen_by`, the ids of the batch (refused items included: they are still listed
-    upstream) are recorded as seen by that run, for `mark_gone`.
+    upstream) are recorded as seen by that run, for `mark_gone`. With `want_details`,
+    every row created or changed is flagged `details_pending`, and a summary that
+    lacks the EAN does not erase the one its details brought.
     """
     counts = UpsertCounts()
     latest: dict[str, tuple[Item, bool]] = {}
@@ -207,44 +227,46 @@ async def upsert(
         counts.cleaned += dirty or raw_dirty
     if records:
         await _ensure_stage(conn)
-        counts.add(await _merge_isolated(conn, source, account, records))
+        counts.add(await _merge_isolated(conn, source, account, records, want_details))
     if seen_by is not None and latest:
         await record_seen(conn, run_id=seen_by, external_ids=list(latest))
     return counts
 
 
 async def _merge_isolated(
-    conn: Connection, source: str, account: str, records: list[Record]
+    conn: Connection, source: str, account: str, records: list[Record], want_details: bool
 ) -> UpsertCounts:
     """Merge `records` under a savepoint; when the database refuses the batch, bisect it
     so the good rows are stored and each refused one is reported with the reason."""
     try:
         async with conn.transaction():  # nested: a SAVEPOINT, so a refusal undoes only this
-            return await _merge(conn, source, account, records)
+            return await _merge(conn, source, account, records, want_details)
     except REFUSED as exc:
         if len(records) == 1:
             by = "the database" if isinstance(exc, asyncpg.PostgresError) else "asyncpg"
             reason = " ".join(f"refused by {by}: {type(exc).__name__}: {exc}".split())
             return UpsertCounts(failed=[(str(records[0][0]), reason)])
     half = len(records) // 2
-    counts = await _merge_isolated(conn, source, account, records[:half])
-    counts.add(await _merge_isolated(conn, source, account, records[half:]))
+    counts = await _merge_isolated(conn, source, account, records[:half], want_details)
+    counts.add(await _merge_isolated(conn, source, account, records[half:], want_details))
     return counts
 
 
 async def _merge(
-    conn: Connection, source: str, account: str, records: list[Record]
+    conn: Connection, source: str, account: str, records: list[Record], want_details: bool
 ) -> UpsertCounts:
     await conn.execute(f"TRUNCATE {_STAGE}")  # a second batch in the same transaction
     await conn.copy_records_to_table(_STAGE, records=records, columns=_STAGE_COLUMNS)
     # Counted in the database: one row back per batch, not one per changed item.
     row = await conn.fetchrow(
         "WITH merged AS (INSERT INTO products AS p (source, account, external_id, name, sku,"
-        " ean, price, currency, stock, status, url, raw, hash)"
+        " ean, price, currency, stock, status, url, raw, hash, details_pending)"
         " SELECT $1, $2, external_id, name, sku, ean, price, currency, stock, status, url,"
-        f" raw::jsonb, hash FROM {_STAGE}"
+        f" raw::jsonb, hash, $3 FROM {_STAGE}"
         " ON CONFLICT (source, account, external_id) DO UPDATE SET"
-        " name = EXCLUDED.name, sku = EXCLUDED.sku, ean = EXCLUDED.ean,"
+        " name = EXCLUDED.name, sku = EXCLUDED.sku,"
+        " ean = CASE WHEN $3 THEN coalesce(EXCLUDED.ean, p.ean) ELSE EXCLUDED.ean END,"
+        " details_pending = p.details_pending OR $3,"
         " price = EXCLUDED.price, currency = EXCLUDED.currency, stock = EXCLUDED.stock,"
         " status = EXCLUDED.status, url = EXCLUDED.url, raw = EXCLUDED.raw,"
         " hash = EXCLUDED.hash, last_seen = now(), gone_at = NULL, missed_passes = 0"
@@ -253,10 +275,63 @@ async def _merge(
         " SELECT count(*) FILTER (WHERE created) AS created, count(*) AS written FROM merged",
         source,
         account,
+        want_details,
     )
     created, written = int(row["created"]), int(row["written"])
     return UpsertCounts(
         created=created, updated=written - created, unchanged=len(records) - written
+    )
+
+
+async def pending_details(
+    conn: Connection, *, source: str, account: str, limit: int
+) -> tuple[list[str], int]:
+    """Up to `limit` ids whose details are still to be fetched, and how many there are."""
+    where = "source = $1 AND account = $2 AND details_pending AND gone_at IS NULL"
+    total: int = await conn.fetchval(
+        f"SELECT count(*) FROM products WHERE {where}", source, account
+    )
+    rows = await conn.fetch(
+        f"SELECT external_id FROM products WHERE {where} ORDER BY last_seen DESC, external_id"
+        " LIMIT $3",
+        source,
+        account,
+        limit,
+    )
+    return [r["external_id"] for r in rows], total
+
+
+async def store_details(
+    conn: Connection, *, source: str, account: str, details: Sequence[Details]
+) -> None:
+    """Store fetched details beside the summary's fields; the item is no longer pending."""
+    await conn.executemany(
+        "UPDATE products SET ean = coalesce($4, ean), mpn = $5, brand = $6,"
+        " details = $7::jsonb, details_at = now(), details_pending = false"
+        " WHERE source = $1 AND account = $2 AND external_id = $3",
+        [
+            (
+                source,
+                account,
+                d.external_id,
+                strip_nul(d.ean),
+                strip_nul(d.mpn),
+                strip_nul(d.brand),
+                strip_nul({"aspects": d.aspects, "compatibility": d.compatibility, "raw": d.raw}),
+            )
+            for d in details
+        ],
+    )
+
+
+async def drop_pending(conn: Connection, *, source: str, account: str, ids: Sequence[str]) -> None:
+    """Stop asking for these items' details (the vendor says they no longer exist)."""
+    await conn.execute(
+        "UPDATE products SET details_pending = false"
+        " WHERE source = $1 AND account = $2 AND external_id = ANY($3::text[])",
+        source,
+        account,
+        list(ids),
     )
 
 

@@ -130,6 +130,14 @@ async def cmd_products(args: argparse.Namespace, settings: Settings) -> int:
             f" stock {i['stock'] if i['stock'] is not None else '-':>5}"
             f"  {(i['name'] or '')[:48]}{gone}"
         )
+        known = [f"{k} {i[k]}" for k in ("ean", "mpn", "brand") if i.get(k)]
+        if i.get("details_at"):
+            aspects = len((i.get("details") or {}).get("aspects") or {})
+            known.append(f"details {i['details_at']:%Y-%m-%d %H:%M} ({aspects} specifics)")
+        elif i.get("details_pending"):
+            known.append("details pending")
+        if known:
+            print(f"{'':<32}{', '.join(known)}")
     shown = f"{args.offset + 1}-{args.offset + len(items)}" if items else "none"
     print(f"{total} products match ({shown} shown)")
     return 0

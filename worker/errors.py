@@ -29,6 +29,11 @@ class UpstreamError(WorkerError):
         self.url = url
 
 
+class ItemGone(UpstreamError):
+    """The vendor says the item no longer exists: it ended (sold, expired, delisted) or
+    never existed (eBay getItem's errorId 11001)."""
+
+
 class JobError(WorkerError):
     """A run failed for a reason the job itself reports (a cap reached, a bad response)."""
 

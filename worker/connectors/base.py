@@ -1,12 +1,13 @@
-"""What every catalogue connector provides: pages of mapped items and a resume cursor."""
+"""What every catalogue connector provides: pages of mapped items and a resume cursor;
+and what one that can fetch an item's details adds (`DetailSource`)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from ..catalog import Item
+from ..catalog import Details, Item
 
 
 @dataclass
@@ -57,3 +58,16 @@ def map_all(
             ident = raw.get(id_field) if isinstance(raw, dict) else None
             failed.append((str(ident) if ident not in (None, "") else "?", str(exc)))
     return items, failed
+
+
+@runtime_checkable
+class DetailSource(Protocol):
+    """A connector that can fetch one item's details (one upstream call per item)."""
+
+    async def details(self, external_id: str) -> Details:
+        """The item's details; raise UpstreamError when the vendor cannot give them
+        (a 404 for an item ended since the pass listed it, say)."""
+        ...
+
+
+__all__ = ["Connector", "DetailSource", "Details", "Page", "map_all"]

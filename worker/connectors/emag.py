@@ -1,20 +1,31 @@
 """eMAG Marketplace API (v4.4.x): product offers, paged with product_offer/count + read.
 
-POST {base}/product_offer/count and /read with {"data": {"currentPage", "itemsPerPage"}}
-(100 at most), HTTP Basic auth, the {"isError", "messages", "results"} envelope.
+From eMAG's document (v4.4.9): POST {base}/product_offer/count and /read with
+{"data": {"currentPage", "itemsPerPage"}} (100 at most, §1.3), HTTP Basic auth, the
+{"isError", "messages", "results"} envelope whose isError must be false (§1.4), and
+3 requests/s per seller login across all non-order resources (§1.5), answered over
+the limit with a 429 that has no envelope and no Retry-After.
+
+The document never shows the count answer's body. Clients see
+{"noOfItems": "38", "noOfPages": "1", "itemsPerPage": "100"}; anything the connector
+cannot read as that fails the run, quoting the answer, rather than passing for an
+empty catalogue (which `mark_gone` would take as every offer gone).
+
 Real responses differ from the docs (prices as strings, `stock` as a list), so items
-are mapped defensively and the raw item is always kept. Limit: 3 requests/s per
-account across all non-order resources, so the limiter key is the account.
+are mapped defensively and the raw item is always kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from ..catalog import Item, text, to_count, to_decimal
 from ..errors import UpstreamError
@@ -29,7 +40,17 @@ PLATFORMS = {
     "fd-bg": "https://marketplace-bg-api.fashiondays.com/api-3",
 }
 MAX_PER_PAGE = 100
+QUOTED = 300  # characters of an answer quoted in an error
 _STATUS = {"0": "inactive", "1": "active", "2": "end_of_life"}
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class Count:
+    """What a product_offer/count answer announces: offers, and pages of our size."""
+
+    items: int
+    pages: int
 
 
 class EmagOffers:
@@ -64,9 +85,8 @@ class EmagOffers:
 
     async def pages(self, cursor: Any) -> AsyncGenerator[Page, None]:
         start = int(cursor["page"]) if isinstance(cursor, Mapping) and "page" in cursor else 1
-        counted = await self._call("product_offer/count", {"itemsPerPage": self.per_page})
-        total_items = _int(counted.get("noOfItems"), 0)
-        total_pages = _int(counted.get("noOfPages"), -(-total_items // self.per_page))
+        count = await self._count()
+        total_items, total_pages = count.items, count.pages
         if start > total_pages:
             self._complete = True
             return
@@ -97,17 +117,38 @@ class EmagOffers:
             for task in window:
                 task.cancel()
 
+    async def _count(self) -> Count:
+        """The count, or an UpstreamError quoting an answer that does not give one."""
+        response, body = await self._call("product_offer/count", {"itemsPerPage": self.per_page})
+        try:
+            return read_count(body.get("results"), self.per_page)
+        except ValueError as exc:
+            raise UpstreamError(
+                f"eMAG product_offer/count answer at {response.url} cannot be read ({exc});"
+                " without a count the pass cannot tell where the catalogue ends, so it stops"
+                f" here and marks nothing gone. The answer: {quote(response.body)}",
+                status=response.status,
+                url=response.url,
+            ) from None
+
     async def _read(self, page: int) -> list[Any]:
-        results = await self._call(
+        response, body = await self._call(
             "product_offer/read",
             {"currentPage": page, "itemsPerPage": self.per_page},
             what=f"page {page}",
         )
+        results = body.get("results")
         if not isinstance(results, list):
-            raise UpstreamError(f"eMAG product_offer/read page {page}: results is not a list")
+            raise UpstreamError(
+                f"eMAG product_offer/read page {page}: results is not a list:"
+                f" {quote(response.body)}",
+                url=response.url,
+            )
         return results
 
-    async def _call(self, action: str, data: Mapping[str, Any], *, what: str = "") -> Any:
+    async def _call(
+        self, action: str, data: Mapping[str, Any], *, what: str = ""
+    ) -> tuple[Response, dict[str, Any]]:
         url = f"{self.base_url}/{action}"
         response = await self.upstream.request(
             "POST",
@@ -117,34 +158,116 @@ class EmagOffers:
             json={"data": dict(data)},
             headers=self.auth_header,
         )
-        body = _envelope(response)
-        return body.get("results")
+        return response, read_envelope(response)
 
 
-def _envelope(response: Response) -> dict[str, Any]:
-    """The parsed envelope, or an UpstreamError that shows what eMAG said."""
-    if response.status in (401, 403):
+def read_envelope(response: Response) -> dict[str, Any]:
+    """The envelope of an answer (§1.4: isError false, messages, results), or an
+    UpstreamError that shows what eMAG said.
+
+    A 429 left after the retries is eMAG's rate limit (§1.5: `{"message": "API rate
+    limit exceeded"}`, no envelope), not a malformed answer.
+    """
+    status, url = response.status, response.url
+    if status == 429:
         raise UpstreamError(
-            f"eMAG refused the credentials (HTTP {response.status}) at {response.url}",
-            status=response.status,
-            url=response.url,
+            f"eMAG kept refusing for its rate limit (HTTP 429: {error_detail(response)}) at"
+            f" {url}, each retry a rate window later; lower rate_limit, or look for another"
+            " client using the same seller login",
+            status=status,
+            url=url,
+        )
+    if status in (401, 403):
+        raise UpstreamError(
+            f"eMAG refused the credentials (HTTP {status}) at {url}: {error_detail(response)}",
+            status=status,
+            url=url,
         )
     if not response.ok:
         raise UpstreamError(
-            f"eMAG answered HTTP {response.status} at {response.url}: {error_detail(response)}",
-            status=response.status,
-            url=response.url,
+            f"eMAG answered HTTP {status} at {url}: {error_detail(response)}",
+            status=status,
+            url=url,
         )
     body = response.json()
     if not isinstance(body, dict) or "isError" not in body:
         raise UpstreamError(
-            f"eMAG answered without an envelope at {response.url}", url=response.url
+            f"eMAG answered without an envelope (no isError) at {url}: {quote(response.body)}",
+            status=status,
+            url=url,
         )
-    if body["isError"]:
-        messages = body.get("messages") or ["(no message)"]
-        text = "; ".join(m if isinstance(m, str) else str(m) for m in messages)
-        raise UpstreamError(f"eMAG isError at {response.url}: {text}", url=response.url)
-    return body
+    flag = body["isError"]
+    if flag is False:
+        return body
+    if flag is True:
+        raise UpstreamError(f"eMAG isError at {url}: {_messages(body, response)}", url=url)
+    raise UpstreamError(
+        f"eMAG answered isError {quote(orjson.dumps(flag))}, not false, at {url}: the call"
+        f" was most likely not interpreted. The answer: {quote(response.body)}",
+        url=url,
+    )
+
+
+def read_count(results: Any, per_page: int) -> Count:
+    """The offers and pages announced by the `results` of a product_offer/count answer.
+
+    eMAG's document does not define it; clients see `{"noOfItems": "38", "noOfPages":
+    "1", "itemsPerPage": "100"}`. `noOfItems` is required: a whole number of 0 or more,
+    as a JSON number or a string of digits. `noOfPages`, when present, must be one too;
+    it can only lengthen the pass (it may have been worked out for another page size),
+    never shorten it. Raises ValueError saying what is wrong.
+    """
+    if not isinstance(results, Mapping):
+        kind = "null" if results is None else f"a {type(results).__name__}"
+        raise ValueError(f"results is {kind}, not an object with noOfItems")
+    if "noOfItems" not in results:
+        raise ValueError("results has no noOfItems")
+    items = _whole(results["noOfItems"], "noOfItems")
+    pages = -(-items // per_page)
+    if "noOfPages" in results:
+        pages = max(pages, _whole(results["noOfPages"], "noOfPages"))
+    return Count(items=items, pages=pages)
+
+
+def _whole(value: Any, name: str) -> int:
+    """A count sent as a JSON number or a string of digits ("38"); ValueError otherwise."""
+    whole: int | None = None
+    if isinstance(value, bool):
+        pass  # a JSON true is not 1 offer
+    elif isinstance(value, int):
+        whole = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and _DIGITS.fullmatch(value)
+    ):
+        whole = int(value)
+    if whole is None or whole < 0:
+        raise ValueError(f"{name} is {quote(orjson.dumps(value))}, not a whole number >= 0")
+    return whole
+
+
+def _messages(body: Mapping[str, Any], response: Response) -> str:
+    """What an isError answer says: its `messages` (a list, or one string), else a
+    `message` (as the document words one answer) or `errors`, else the answer itself."""
+    for key in ("messages", "message", "errors"):
+        value = body.get(key)
+        parts = value if isinstance(value, list) else [value]
+        said = [
+            part if isinstance(part, str) else orjson.dumps(part).decode()
+            for part in parts
+            if part not in (None, "", [], {})
+        ]
+        if said:
+            return quote("; ".join(said).encode())
+    return f"(no message) {quote(response.body)}"
+
+
+def quote(raw: bytes) -> str:
+    """An answer fit for an error: decoded, control characters escaped (a NUL cannot be
+    stored in Postgres text), cut to QUOTED characters."""
+    text = raw.decode("utf-8", "replace")
+    cut = text[:QUOTED]
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return shown if len(text) <= QUOTED else f"{shown}… ({len(raw)} bytes)"
 
 
 def map_offer(raw: Any) -> Item:
@@ -181,10 +304,3 @@ def _stock(raw: Mapping[str, Any]) -> int | None:
     if isinstance(stock, list):
         return to_count(sum(int(s.get("value", 0)) for s in stock if isinstance(s, dict)))
     return to_count(stock)
-
-
-def _int(value: Any, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default

@@ -33,6 +33,8 @@ _PACING = {
     "total_timeout",
     "gone_after",
     "gone_guard",
+    "details",
+    "max_detail_calls",
 }
 _SOURCES = {"emag.offers": "emag", "ebay.catalog": "ebay"}
 

@@ -23,11 +23,13 @@ from typing import Any
 
 from .. import catalog, metrics
 from ..config import JobSpec
-from ..connectors.base import Connector, Page
+from ..connectors.base import Connector, DetailSource, Page
 from ..context import RunContext
-from ..errors import JobError
+from ..errors import ItemGone, JobError, UpstreamError
 
 FAILED_SAMPLE = 20
+MAX_DETAIL_CALLS = 1000  # per run; eBay's default Browse quota is 5 000 calls a day
+DETAIL_BATCH = 10  # details fetched side by side (the rate limiter paces them)
 GONE_AFTER = 2  # complete passes an item must be missing from before it is marked gone
 GONE_GUARD = 0.5  # a pass listing fewer than this share of the live items marks nothing
 MAX_ROWS_PER_COMMIT = 5000
@@ -41,6 +43,7 @@ class CatalogJob(ABC):
     """Base of the catalogue job kinds; subclasses build the connector."""
 
     resumable = True
+    has_details = False  # the connector can fetch one item's details (`details = true`)
 
     def check(self, spec: JobSpec) -> None:
         p = spec.params
@@ -52,6 +55,13 @@ class CatalogJob(ABC):
         after = p.get("gone_after", GONE_AFTER)
         if isinstance(after, bool) or not isinstance(after, int) or after < 1:
             raise ValueError(f"'gone_after' must be a whole number of passes >= 1, got {after!r}")
+        if "details" in p and not isinstance(p["details"], bool):
+            raise ValueError(f"'details' must be true or false, got {p['details']!r}")
+        if p.get("details") and not self.has_details:
+            raise ValueError(f"'details': {spec.kind} has no item details to fetch")
+        calls = p.get("max_detail_calls", MAX_DETAIL_CALLS)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"'max_detail_calls' must be a whole number >= 0, got {calls!r}")
         guard = p.get("gone_guard", GONE_GUARD)
         if isinstance(guard, bool) or not isinstance(guard, int | float) or not 0 <= guard <= 1:
             raise ValueError(f"'gone_guard' must be a share from 0 to 1, got {guard!r}")
@@ -81,6 +91,11 @@ class _Sync:
         self.mark_gone = bool(ctx.params.get("mark_gone", False))
         self.gone_after = int(ctx.params.get("gone_after", GONE_AFTER))
         self.gone_guard = float(ctx.params.get("gone_guard", GONE_GUARD))
+        self.details: DetailSource | None = None
+        if ctx.params.get("details") and isinstance(connector, DetailSource):
+            self.details = connector
+            for key in ("details_fetched", "details_failed", "detail_calls"):
+                ctx.stats.setdefault(key, 0)
         s = ctx.stats
         for key in ("pages", "items", "created", "updated", "unchanged", "failed", "cleaned"):
             s.setdefault(key, 0)
@@ -105,11 +120,62 @@ class _Sync:
             # Resumed after its last page was committed: nothing is fetched again, only
             # the end of the pass (which the interrupted run may or may not have done).
             ctx.log.info("pass already fetched to its end; finishing it")
+        if self.details is not None:
+            await self._fetch_details(self.details)
         gone = await self._end_pass(end)
         return {k: stats[k] for k in ("pages", "items", "created", "updated", "unchanged")} | {
             "failed": stats["failed"],
             "gone": gone,
         }
+
+    async def _fetch_details(self, source: DetailSource) -> None:
+        """Fetch the details of items created or changed (by this pass or an earlier one
+        whose run ran out of `max_detail_calls`), up to what is left of the cap."""
+        ctx, stats = self.ctx, self.ctx.stats
+        cap = int(ctx.params.get("max_detail_calls", MAX_DETAIL_CALLS))
+        where = {"source": self.connector.source, "account": self.connector.account}
+        budget = max(cap - stats["detail_calls"], 0)
+        async with ctx.fenced() as conn:
+            ids, pending = await catalog.pending_details(conn, limit=budget, **where)
+        for start in range(0, len(ids), DETAIL_BATCH):
+            batch = ids[start : start + DETAIL_BATCH]
+            answers = await asyncio.gather(
+                *(source.details(eid) for eid in batch), return_exceptions=True
+            )
+            fetched: list[catalog.Details] = []
+            ended: list[str] = []
+            for eid, answer in zip(batch, answers, strict=True):
+                if isinstance(answer, catalog.Details):
+                    fetched.append(answer)
+                elif isinstance(answer, UpstreamError):
+                    stats["details_failed"] += 1
+                    if isinstance(answer, ItemGone):
+                        ended.append(eid)  # listed by the pass, ended since: nothing to fetch
+                    room = max(FAILED_SAMPLE - len(stats["failed_sample"]), 0)
+                    if room:
+                        stats["failed_sample"].append({"id": eid, "reason": f"details: {answer}"})
+                        ctx.log.warning("details of %s not fetched: %s", eid, answer)
+                elif isinstance(answer, BaseException):
+                    raise answer
+            stats["detail_calls"] += len(batch)
+            stats["details_fetched"] += len(fetched)
+            async with ctx.fenced() as conn:
+                await catalog.store_details(conn, details=fetched, **where)
+                await catalog.drop_pending(conn, ids=ended, **where)
+                await ctx.progress(
+                    message=f"details {start + len(batch)}/{len(ids)}"
+                    f" ({stats['details_failed']} failed, {pending - len(ids)} left for the"
+                    " next pass)",
+                    conn=conn,
+                )
+        stats["details_left"] = max(pending - stats["details_fetched"], 0)
+        if stats["details_left"]:
+            warning = (
+                f"details: {stats['details_left']} items left for the next pass"
+                f" (max_detail_calls = {cap})"
+            )
+            if warning not in stats["warnings"]:
+                stats["warnings"].append(warning)
 
     async def _end_pass(self, end: dict[str, Any]) -> int:
         """Mark gone (once per pass) and record the final progress with the finished cursor."""
@@ -233,6 +299,7 @@ class _Sync:
                     account=self.connector.account,
                     items=items,
                     seen_by=ctx.run_id if self.mark_gone else None,
+                    want_details=self.details is not None,
                 )
                 stats["pages"] += len(group)
                 stats["items"] += len(items) - len(counts.failed)

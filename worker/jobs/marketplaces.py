@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ..config import JobSpec
 from ..connectors.base import Connector
-from ..connectors.ebay import MAX_LIMIT, EbayCatalog, TokenCache
+from ..connectors.ebay import MAX_LIMIT, MAX_QUERY_CHARS, MAX_SELLERS, EbayCatalog, TokenCache
 from ..connectors.emag import MAX_PER_PAGE, PLATFORMS, EmagOffers
 from ..context import RunContext
 from ..errors import JobError
@@ -106,7 +106,9 @@ class EmagOffersJob(CatalogJob):
 class EbayCatalogJob(CatalogJob):
     """Params: account, base_url, client_id_env, client_secret_env, marketplace_id,
     sellers, queries, limit, max_pages, rate_limit, mark_gone, connect_timeout, read_timeout,
-    total_timeout."""
+    total_timeout, details, max_detail_calls."""
+
+    has_details = True
 
     def __init__(self) -> None:
         self.tokens = TokenCache()
@@ -122,11 +124,32 @@ class EbayCatalogJob(CatalogJob):
                 raise ValueError(f"'{key}' must be a list of strings")
         if not p["queries"]:
             raise ValueError("'queries' must name at least one search term")
+        for term in p["queries"]:
+            self._check_term(term)
+        sellers = p.get("sellers", [])
+        if len(sellers) > MAX_SELLERS:
+            raise ValueError(
+                f"'sellers' names {len(sellers)} sellers; eBay takes at most {MAX_SELLERS}"
+                " in one filter (error 12032): split them over several jobs"
+            )
         limit = p.get("limit", MAX_LIMIT)
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"'limit' must be 1..{MAX_LIMIT}, got {limit!r}")
         _check_rate(p)
         Timeouts.from_params(p)
+
+    @staticmethod
+    def _check_term(term: str) -> None:
+        """The rules of the Browse API's `q` that a jobs file can break."""
+        if len(term) > MAX_QUERY_CHARS:
+            raise ValueError(
+                f"'queries' term {term!r} is {len(term)} characters; eBay takes at most"
+                f" {MAX_QUERY_CHARS} and cuts a longer one, so it would search for another term"
+            )
+        if not term.strip():
+            raise ValueError(f"'queries' term {term!r} is blank: eBay needs a keyword")
+        if "*" in term:
+            raise ValueError(f"'queries' term {term!r} has a '*': eBay allows no wildcard in q")
 
     def connector(self, ctx: RunContext) -> Connector:
         p = ctx.params

@@ -82,6 +82,15 @@ def _ean(h: int) -> str:
     return body + str((10 - total % 10) % 10)
 
 
+def _gtin(h: int, length: int) -> str:
+    """A GTIN of `length` digits (12: UPC-A, 13: EAN-13) with a valid check digit."""
+    body = f"{h % 10 ** (length - 1):0{length - 1}d}"
+    if length == 13 and body[0] == "0":
+        body = "4" + body[1:]  # a German GS1 prefix rather than a UPC in disguise
+    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(reversed(body), 1))
+    return body + str((10 - total % 10) % 10)
+
+
 def words(text: str) -> frozenset[str]:
     """The lower-cased words of a title or query."""
     return frozenset(_WORD.findall(text.lower()))
@@ -295,6 +304,41 @@ class Catalog:
 
     def ebay_item(self, item_id: str) -> JSON:
         return self._ebay_lookup(item_id)[1]
+
+    def ebay_details(self, item_id: str) -> JSON:
+        """The item as getItem answers it: its summary plus `gtin`, `mpn`, `brand` and
+        `localizedAspects`, generated from the seed and the item id (and read from the
+        title, so the brand and part agree with it); a fresh dict."""
+        item = self._ebay_lookup(item_id)[1]
+        h = _mix(_salt(self.seed, f"ebay-details:{item_id}"))
+        title = item["title"]
+        brand = next((b for b in _BRANDS if title.startswith(b)), None)
+        part = next((p for p in _EBAY_PARTS if p in title), None)
+        details: JSON = dict(item)
+        aspects: list[JSON] = []
+        if brand is not None:
+            details["brand"] = brand
+            aspects.append({"type": "STRING", "name": "Brand", "value": brand})
+        # Most items carry a GTIN (UPC-A or EAN-13), some none; some sellers enter
+        # "Does Not Apply" for the part number, as eBay lets them.
+        kind = h % 8
+        if kind:
+            details["gtin"] = _gtin(h >> 8, 12 if kind < 4 else 13)
+        mpn = "Does Not Apply" if (h >> 48) % 10 == 0 else f"{_key(h >> 16, 6)}-{h % 1000:03d}"
+        details["mpn"] = mpn
+        aspects.append({"type": "STRING", "name": "Manufacturer Part Number", "value": mpn})
+        if part is not None:
+            aspects.append({"type": "STRING", "name": "Type", "value": part})
+        if part is not None and part.startswith("Brake"):
+            # The document types `value` a string even for STRING_ARRAY.
+            both = (h >> 40) % 3 == 0
+            placement = "Front, Rear" if both else ("Front", "Rear")[(h >> 42) % 2]
+            kind_name = "STRING_ARRAY" if both else "STRING"
+            aspects.append({"type": kind_name, "name": "Placement on Vehicle", "value": placement})
+        fitment = ("Direct Replacement", "Performance/Custom")[(h >> 44) % 4 == 0]
+        aspects.append({"type": "STRING", "name": "Fitment Type", "value": fitment})
+        details["localizedAspects"] = aspects
+        return details
 
     def ebay_terms_of(self, item_id: str) -> frozenset[str]:
         """Which of `QUERY_TERMS` the item is found by."""

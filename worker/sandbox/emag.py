@@ -2,7 +2,10 @@
 
 Routes: POST /emag/{platform}/api-3/product_offer/count and .../read, HTTP
 Basic auth per account, the {"isError", "messages", "results"} envelope, at
-most 100 items per page, and the per-account request limit answered with 429.
+most 100 items per page, and the per-login request limit answered with the 429
+that eMAG's document (v4.4.9, §1.5) shows. The count answer is not in eMAG's
+document: it is served as clients see it, numeric strings, and can be broken
+on purpose (see `Faults`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from .state import (
 )
 
 MAX_PER_PAGE = 100
+EMAG_RATE = 3  # eMAG's documented limit for product_offer: 3 requests per second
+RATE_LIMITED = b'{"message":"API rate limit exceeded"}'
 PREFIX = "/emag/{platform}/api-3/product_offer"
 
 
@@ -48,18 +53,28 @@ class _Caller:
 
 
 async def count(request: web.Request) -> web.Response:
-    """`noOfItems`/`noOfPages`/`itemsPerPage`, as strings like the real API."""
+    """`noOfItems`/`noOfPages`/`itemsPerPage`: strings, as clients of the real API see
+    them; numbers, missing fields, any value or isError when the faults say so."""
     sandbox, caller = _admit(request)
     data = await _data(request)
     per_page = _int_field(data, "itemsPerPage", MAX_PER_PAGE)
     if not 1 <= per_page <= MAX_PER_PAGE:
         return _error(caller, f"itemsPerPage must be between 1 and {MAX_PER_PAGE}")
+    faults = sandbox.faults
+    if faults.emag_count_error:
+        return _error(caller, faults.emag_count_error)
     total = sandbox.catalog.emag_count(caller.platform, caller.account)
-    results = {
-        "noOfItems": str(total),
-        "noOfPages": str(-(-total // per_page)),
-        "itemsPerPage": str(per_page),
+    results: dict[str, Any] = {
+        "noOfItems": total,
+        "noOfPages": -(-total // per_page),
+        "itemsPerPage": per_page,
     }
+    if faults.emag_count_as_strings:
+        results = {key: str(value) for key, value in results.items()}
+    if faults.emag_count_value is not None:
+        results["noOfItems"] = results["noOfPages"] = faults.emag_count_value
+    if faults.emag_count_without_fields:
+        results = {}
     return json_response(envelope(results), headers=caller.headers)
 
 
@@ -113,21 +128,37 @@ def _admit(request: web.Request) -> tuple[Sandbox, _Caller]:
     record.who = account
     headers: dict[str, str] = {}
     limit = sandbox.limit()
+    if sandbox.faults.emag_rate_limited_next > 0:
+        sandbox.faults.emag_rate_limited_next -= 1
+        raise Rejected(_rate_limited(limit or EMAG_RATE))
     if limit:
+        # One window per seller login on one platform (logins and accounts are 1:1).
         remaining = sandbox.window.admit(f"emag:{platform}:{account}", limit)
+        if remaining is None:
+            raise Rejected(_rate_limited(limit))
         headers = {
             "X-RateLimit-Limit-3second": str(limit),
-            "X-RateLimit-Remaining-3second": str(remaining or 0),
+            "X-RateLimit-Remaining-3second": str(remaining),
         }
-        if remaining is None:
-            headers["Retry-After"] = "1"
-            raise Rejected(
-                json_response({"message": "API rate limit exceeded"}, status=429, headers=headers)
-            )
     status = sandbox.take_failure()
     if status is not None:
         raise Rejected(failure_response(status))
     return sandbox, _Caller(platform=platform, account=account, headers=headers)
+
+
+def _rate_limited(limit: int) -> web.Response:
+    """The 429 of eMAG's document (v4.4.9, §1.5), byte for byte: no isError envelope
+    and no Retry-After (its `Server: kong` suggests a gateway in front of the API)."""
+    return web.Response(
+        status=429,
+        body=RATE_LIMITED,
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "X-RateLimit-Limit-3second": str(limit),
+            "X-RateLimit-Remaining-3second": "0",
+            "Server": "kong/0.12.1",
+        },
+    )
 
 
 def _authenticate(request: web.Request, users: Mapping[str, tuple[str, str]]) -> str | None:

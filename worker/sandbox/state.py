@@ -42,8 +42,26 @@ class Faults:
     """The first item on these pages loses its id and gets the price "abc"."""
     nul_item_pages: set[int] = field(default_factory=set)
     """eMAG: the first item on these pages carries NUL characters (see `with_nul`)."""
+    emag_count_as_strings: bool = True
+    """eMAG: count values as strings (`"noOfItems": "38"`), as clients see them; false
+    sends numbers. eMAG's document does not define the count answer at all."""
+    emag_count_without_fields: bool = False
+    """eMAG: count answers `"results": {}`, without noOfItems, noOfPages, itemsPerPage."""
+    emag_count_value: Any = None
+    """eMAG: when not None, count answers this as noOfItems and noOfPages ("abc", -1, …)."""
+    emag_count_error: str = ""
+    """eMAG: when set, count answers HTTP 200, isError true, with this message."""
+    emag_rate_limited_next: int = 0
+    """eMAG: the next N requests get the documented 429, whatever the window holds (as if
+    another client of the same seller login had used the window up)."""
     error_pages: set[int] = field(default_factory=set)
     """eMAG: HTTP 200 with isError true; eBay: HTTP 500 with errorId 12000."""
+    ebay_total_skew: int = 0
+    """eBay: percent by which `total` misstates the matches (-20: 20 % too few, +20: 20 %
+    too many). eBay calls `total` "just an indicator"; `next` always tells the truth."""
+    ebay_next_past_cap: bool = False
+    """eBay: on the page that reaches the 10 000th result, still offer `next` when more
+    items match (at an offset it then refuses, 12029). eBay's documents do not say."""
     rate_limit: bool = True
     """False lifts the rate limit (for benchmarks)."""
 
@@ -55,6 +73,10 @@ class Faults:
             raise ValueError(f"fail_status must be one of {FAIL_STATUSES}, not {self.fail_status}")
         if self.delay < 0 or self.fail_next < 0:
             raise ValueError("delay and fail_next must not be negative")
+        if self.emag_rate_limited_next < 0 or not isinstance(self.emag_count_error, str):
+            raise ValueError("emag_rate_limited_next must be >= 0, emag_count_error a string")
+        if self.ebay_total_skew < -100:
+            raise ValueError("ebay_total_skew is a percent and must be -100 or more")
 
     def is_slow(self, page: int) -> bool:
         return self.delay > 0 and (not self.slow_pages or page in self.slow_pages)
