@@ -127,3 +127,21 @@ def test_details_only_where_the_connector_has_them() -> None:
     )
     with pytest.raises(ValueError, match="max_detail_calls"):
         EbayCatalogJob().check(bad_cap)
+
+
+async def test_turning_details_on_fills_in_a_catalogue_synced_without_them(
+    aiohttp_server: AiohttpServer,
+    pool: db.Pool,
+    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen running `make run` on a catalogue synced before `details` existed: every
+    item was unchanged, so none was ever fetched. Items never fetched are owed too."""
+    market = await start_marketplace(aiohttp_server)
+    job = EbayCatalogJob()
+    assert (await sync(pool, upstream, job, ebay_params(market, monkeypatch))).error is None
+    total = len(await stored(pool))
+    out = await sync(pool, upstream, job, ebay_params(market, monkeypatch, details=True))
+    assert out.stats["unchanged"] == total
+    assert out.stats["details_fetched"] == total
+    assert all(r["details_at"] for r in (await stored(pool)).values())

@@ -286,8 +286,13 @@ async def _merge(
 async def pending_details(
     conn: Connection, *, source: str, account: str, limit: int
 ) -> tuple[list[str], int]:
-    """Up to `limit` ids whose details are still to be fetched, and how many there are."""
-    where = "source = $1 AND account = $2 AND details_pending AND gone_at IS NULL"
+    """Up to `limit` ids whose details are still to be fetched, and how many there are:
+    those created or changed since their details were fetched, and those never fetched
+    (a catalogue synced before `details` was turned on)."""
+    where = (
+        "source = $1 AND account = $2 AND (details_pending OR details_at IS NULL)"
+        " AND gone_at IS NULL"
+    )
     total: int = await conn.fetchval(
         f"SELECT count(*) FROM products WHERE {where}", source, account
     )
@@ -327,7 +332,8 @@ async def store_details(
 async def drop_pending(conn: Connection, *, source: str, account: str, ids: Sequence[str]) -> None:
     """Stop asking for these items' details (the vendor says they no longer exist)."""
     await conn.execute(
-        "UPDATE products SET details_pending = false"
+        "UPDATE products SET details_pending = false, details_at = now(),"
+        " details = '{\"ended\": true}'::jsonb"
         " WHERE source = $1 AND account = $2 AND external_id = ANY($3::text[])",
         source,
         account,

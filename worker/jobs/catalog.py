@@ -346,6 +346,9 @@ class _Sync:
         )
         if done and "gone" in s:
             text += f", {s['gone']} gone"
+        if done and "details_left" in s:
+            text += f"; details of {s['details_fetched']} items fetched"
+            text += f" ({s['details_left']} left for the next pass)" if s["details_left"] else ""
         return text
 
 
