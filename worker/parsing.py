@@ -1,0 +1,63 @@
+"""Parsing operations as seed 001's parsing server shows them.
+
+An operation is a run of a `parse.*` job kind, queued by `POST /parsing/create`; its
+resumes (after a crash or a hand-off) continue the same operation. This module maps
+the seed's operation types to job kinds and our run rows to the seed's JSON shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+# The seed's `type` values, and the job kind that does each.
+TYPES: dict[str, str] = {
+    "parsingEventsFromFienta": "parse.fienta",
+    "parsingEventsFromEventim": "parse.eventim",
+    "parsingEventsFromKontramarka": "parse.kontramarka",
+}
+
+# Our run status -> the seed's operation status.
+_STATUS = {
+    "queued": "pending",
+    "running": "processing",
+    "succeeded": "success",
+}
+
+
+def seed_status(chain: Sequence[Mapping[str, Any]]) -> str:
+    """The operation's status from the runs of its chain, oldest first.
+
+    A run abandoned by a crash or a hand-off whose resume is queued or running is
+    still `processing` (the newest run decides); an operation whose last run ended in
+    any other way than success is `error`.
+    """
+    newest = chain[-1]["status"]
+    return _STATUS.get(newest, "error")
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def operation_view(chain: Sequence[Mapping[str, Any]], *, type_name: str) -> dict[str, Any]:
+    """The seed's `operation` object for an operation whose runs are `chain` (oldest
+    first): `_id`, `type`, `status`, `statistics` (a JSON string, as the seed has it),
+    `errorText`, `infoText` (the progress), `createdAt`, `finish_time`, `is_processed`."""
+    first, newest = chain[0], chain[-1]
+    status = seed_status(chain)
+    progress = newest.get("progress") or {}
+    return {
+        "_id": str(first["id"]),
+        "type": type_name,
+        "status": status,
+        "statistics": orjson.dumps(newest.get("stats") or {}).decode(),
+        "errorText": (newest.get("error") or "") if status == "error" else "",
+        "infoText": progress.get("message") or "",
+        "createdAt": _iso(first.get("created_at")),
+        "finish_time": _iso(newest.get("finished_at")) if status in ("success", "error") else None,
+        "is_processed": first.get("processed_at") is not None,
+    }
