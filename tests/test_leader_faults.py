@@ -759,3 +759,66 @@ async def test_hand_offs_past_the_cap_spend_attempts(pool: db.Pool) -> None:
     assert attempts == [1, 1, 2, 3, 4, 5]
     assert given_up
     assert given_up[0]["id"] == run_id
+
+
+class SlowToStop:
+    """A run that takes `linger` seconds to stop once cancelled (a slow final write)."""
+
+    resumable = False
+
+    def __init__(self, linger: float) -> None:
+        self.linger = linger
+        self.started = asyncio.Event()
+
+    def check(self, spec: JobSpec) -> None:
+        pass
+
+    async def run(self, ctx: RunContext) -> Any:
+        self.started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.shield(asyncio.sleep(self.linger))
+
+
+async def test_a_run_slow_to_stop_is_reported_not_a_crash(
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiojobs reports a run that did not stop within its close timeout to the event
+    loop's exception handler, with a TimeoutError: the replica's handler took that for
+    a crash and exited 1 (seen once: a woken stale leader whose run was still recording
+    its end). The executor now handles aiojobs' reports itself."""
+    from worker.app import stray_error_handler
+
+    settings = settings_with_jobs(
+        tmp_path, MANUAL_ONLY_SLOW, database_url=database_url, shutdown_grace=0.4
+    )
+    job = SlowToStop(linger=0.6)
+    loop = asyncio.get_running_loop()
+    crashed, stop = asyncio.Event(), asyncio.Event()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(stray_error_handler(crashed, stop))
+    try:
+        grant = await grant_for(redis, key_prefix, "a")
+        leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"slow": job})
+        async with leading(leader, grant):
+            await runs.enqueue(pool, job="faults-slow", kind="slow", params={})
+            await asyncio.wait_for(job.started.wait(), 10)
+        await asyncio.sleep(0.8)  # the run finishes lingering after the report
+    finally:
+        loop.set_exception_handler(previous)
+    assert not crashed.is_set(), "a run slow to stop stopped the replica"
+    assert any("Job closing timed out" in r.getMessage() for r in caplog.records)
+
+
+MANUAL_ONLY_SLOW = """
+[[jobs]]
+name = "faults-slow"
+kind = "slow"
+"""

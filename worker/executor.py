@@ -55,7 +55,11 @@ class Executor:
         self._jobs: dict[int, aiojobs.Job[None]] = {}
         self._cancelling: set[int] = set()
         self._closing: set[asyncio.Task[None]] = set()
-        self._scheduler = aiojobs.Scheduler(limit=None, close_timeout=settings.shutdown_grace / 2)
+        self._scheduler = aiojobs.Scheduler(
+            limit=None,
+            close_timeout=settings.shutdown_grace / 2,
+            exception_handler=_report_job_trouble,
+        )
         self.stop_reason = "leadership ended"
 
     @property
@@ -220,6 +224,20 @@ class Executor:
                 log.warning("run end not recorded yet (%s): retrying in %.1fs", exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
+
+
+def _report_job_trouble(_: aiojobs.Scheduler, context: dict[str, Any]) -> None:
+    """aiojobs' reports (a run that did not stop within the close timeout while the term
+    ended, say, still recording its end through a slow database) are the executor's
+    business, not a crash of the process: the event loop's handler would stop the
+    replica for them."""
+    job = context.get("job")
+    log.error(
+        "%s: %s",
+        context.get("message"),
+        getattr(job, "name", None) or job,
+        exc_info=context.get("exception"),
+    )
 
 
 class _End:
