@@ -44,3 +44,33 @@ async def test_prune_keeps_the_slot_ledger_and_active_runs(pool: db.Pool) -> Non
     assert await pool.fetchval("SELECT resumed_from FROM runs WHERE id = $1", resumed) is None
     assert await pool.fetchval("SELECT count(*) FROM sync_seen") == 0
     assert await runs.last_slot(pool, "a") == old + timedelta(minutes=1)
+
+
+async def test_prune_keeps_parsing_operations_nobody_has_read(pool: db.Pool) -> None:
+    """Their results go only through POST /parsing/cleanup, once processed: the run
+    retention used to delete them (and, by cascade, their events) unread."""
+    from worker import run_items
+
+    await db.raise_fence(pool, token=1, holder="t")
+    ids = {}
+    for name, processed in (("unread", False), ("read", True)):
+        ids[name] = await pool.fetchval(
+            "INSERT INTO runs (job, kind, trigger, status, created_at, finished_at,"
+            " processed_at) VALUES ('p', 'parse.test', 'api', 'succeeded',"
+            " now() - interval '30 days', now() - interval '30 days',"
+            " CASE WHEN $1 THEN now() END) RETURNING id",
+            processed,
+        )
+        async with db.fenced(pool, 1) as conn:
+            await run_items.save_batch(conn, ids[name], batch=1, first_seq=0, items=[{"e": 1}])
+    resume = await pool.fetchval(
+        "INSERT INTO runs (job, kind, trigger, status, resumed_from, created_at, finished_at)"
+        " VALUES ('p', 'parse.test', 'resume', 'succeeded', $1, now() - interval '30 days',"
+        " now() - interval '30 days') RETURNING id",
+        ids["unread"],
+    )
+    async with db.fenced(pool, 1) as conn:
+        await runs.prune(conn, keep=86400)
+    left = {r["id"] for r in await pool.fetch("SELECT id FROM runs")}
+    assert left == {ids["unread"], resume}
+    assert await run_items.read(pool, ids["unread"]) == [{"e": 1}]

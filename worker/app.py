@@ -29,6 +29,7 @@ from .lease import Grant, Lease
 from .ratelimit import RateLimiter
 from .scheduler import Leader
 from .upstream import Upstream, open_upstream
+from .web import parsing as parsing_routes
 from .web.app import WebState, build_app
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,10 @@ async def _run_actors(
 ) -> int:
     lease = Lease(redis, prefix=settings.key_prefix)
     state = WebState(settings=settings, pool=pool, redis=redis, lease=lease)
-    runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
+    app = build_app(state)
+    # POST /parsing/create asks the operation's parser whether it can read the meta.
+    app[parsing_routes.CHECKERS] = {name: kind.check for name, kind in kinds.items()}
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port, shutdown_timeout=2.0)

@@ -1,4 +1,5 @@
-"""`worker run | migrate | leader | jobs | runs | products | trigger | cancel | sandbox`."""
+"""`worker run | migrate | leader | jobs | runs | operations | products | trigger | cancel |
+sandbox`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, NoReturn
 import orjson
 from redis.exceptions import RedisError
 
-from . import catalog, db, jobs, logs, runs
+from . import catalog, db, jobs, logs, operations, runs
 from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError, Unreachable
@@ -105,6 +106,26 @@ async def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
         )
     if not found:
         print("no runs")
+    return 0
+
+
+async def cmd_operations(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        found = await operations.recent(pool, status=args.status, limit=args.limit)
+    views = [{**op.view(), "totalEvents": op.total_events} for op in found]
+    if args.json:
+        print(orjson.dumps(views).decode())
+        return 0
+    for v in views:
+        processed = "processed" if v["is_processed"] else "unread"
+        error = f"error: {v['errorText']}" if v["errorText"] else ""
+        tail = "  ".join(t for t in (v["infoText"], error) if t)
+        print(
+            f"#{v['_id']:<7} {v['type']:<28} {v['status']:<10} {(v['createdAt'] or '-')[:19]}"
+            f"  {processed:<9} {v['totalEvents']:>6} events  {tail}".rstrip()
+        )
+    if not views:
+        print("no parsing operations")
     return 0
 
 
@@ -245,6 +266,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--id", type=_whole(1, MAX_ID), help="show one run in full")
     rp.add_argument("--json", action="store_true", help="print JSON")
+    op = sub.add_parser("operations", help="parsing operations (seed 001), newest first")
+    op.add_argument("--status", choices=operations.SEED_STATUSES, help="only this status")
+    op.add_argument(
+        "--limit", type=_whole(1, MAX_LIMIT), default=20, help="how many (default 20, at most 1000)"
+    )
+    op.add_argument("--json", action="store_true", help="print JSON")
     pp = sub.add_parser("products", help="query the synced catalogue")
     pp.add_argument("--source", help="emag, ebay, …")
     pp.add_argument("--account", help="the account name given in the job's params")
@@ -275,6 +302,7 @@ COMMANDS: dict[str, Command] = {
     "leader": cmd_leader,
     "jobs": cmd_jobs,
     "runs": cmd_runs,
+    "operations": cmd_operations,
     "trigger": cmd_trigger,
     "products": cmd_products,
     "cancel": cmd_cancel,

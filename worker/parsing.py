@@ -7,11 +7,35 @@ the seed's operation types to job kinds and our run rows to the seed's JSON shap
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 import orjson
+
+
+@dataclass(frozen=True)
+class Bad:
+    """An event the source could not read: its id (or "?") and why."""
+
+    external_id: str
+    reason: str
+
+
+class EventSource(Protocol):
+    """A parser: the site's events matching `meta`, normalised, in a stable order."""
+
+    @property
+    def expected(self) -> int | None:
+        """How many events the source expects to yield, once known (for progress)."""
+        ...
+
+    def events(self) -> AsyncGenerator[dict[str, Any] | Bad, None]:
+        """Each event as a JSON object (see docs/parsing.md), or `Bad` for one it
+        could not read."""
+        ...
+
 
 # The seed's `type` values, and the job kind that does each.
 TYPES: dict[str, str] = {
@@ -19,6 +43,9 @@ TYPES: dict[str, str] = {
     "parsingEventsFromEventim": "parse.eventim",
     "parsingEventsFromKontramarka": "parse.kontramarka",
 }
+
+# How long after an abandoned run the reaper still queues its resume (runs.queue_resumes).
+RESUME_WINDOW = timedelta(days=1)
 
 # Our run status -> the seed's operation status.
 _STATUS = {
@@ -35,8 +62,14 @@ def seed_status(chain: Sequence[Mapping[str, Any]]) -> str:
     still `processing` (the newest run decides); an operation whose last run ended in
     any other way than success is `error`.
     """
-    newest = chain[-1]["status"]
-    return _STATUS.get(newest, "error")
+    newest = chain[-1]
+    if newest["status"] == "queued" and len(chain) > 1:
+        return "processing"  # a resume waiting for the leader
+    if newest["status"] == "abandoned" and newest.get("given_up_at") is None:
+        finished = newest.get("finished_at")
+        if isinstance(finished, datetime) and datetime.now(UTC) - finished < RESUME_WINDOW:
+            return "processing"  # handed off or crashed: the reaper queues its resume
+    return _STATUS.get(newest["status"], "error")
 
 
 def _iso(value: Any) -> str | None:

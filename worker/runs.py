@@ -340,13 +340,20 @@ async def prune(conn: Connection, *, keep: float) -> int:
     """Delete finished runs older than `keep` seconds, and their scratch rows.
 
     The newest slot row of each job stays: it is where the scheduler's slot ledger
-    resumes, so pruning never makes old slots look due again.
+    resumes, so pruning never makes old slots look due again. So does every run of a
+    parsing operation with results nobody has read yet (the operation and its
+    resumes): those results go only through `POST /parsing/cleanup`, once processed.
     """
     result: str = await conn.execute(
-        "DELETE FROM runs r WHERE r.status = ANY($1::text[])"
+        "WITH RECURSIVE unread(id) AS ("
+        "  SELECT o.id FROM runs o WHERE o.processed_at IS NULL AND o.resumed_from IS NULL"
+        "  AND EXISTS (SELECT 1 FROM run_items i WHERE i.operation_id = o.id)"
+        "  UNION SELECT c.id FROM runs c JOIN unread u ON c.resumed_from = u.id)"
+        " DELETE FROM runs r WHERE r.status = ANY($1::text[])"
         " AND coalesce(r.finished_at, r.created_at) < now() - make_interval(secs => $2)"
         " AND (r.slot IS NULL OR EXISTS ("
-        "   SELECT 1 FROM runs n WHERE n.job = r.job AND n.slot > r.slot))",
+        "   SELECT 1 FROM runs n WHERE n.job = r.job AND n.slot > r.slot))"
+        " AND NOT r.id IN (SELECT id FROM unread)",
         list(FINAL),
         keep,
     )

@@ -247,6 +247,10 @@ class Upstream:
 
     def _wait_after(self, policy: RetryPolicy, attempt: int, key: str, response: Response) -> float:
         asked = retry_after(response.headers)
+        if asked is None:
+            # Some APIs say it in the body instead: Fienta's 429 carries a top-level
+            # `retry_after` in seconds and no header.
+            asked = body_retry_after(response)
         if asked is None and response.status == 429:
             # A rate limit without Retry-After (eMAG sends only X-RateLimit-*):
             # retrying inside the same window would only be refused again.
@@ -339,6 +343,20 @@ def error_detail(response: Response) -> str:
                 value = body[key]
                 return "; ".join(map(str, value)) if isinstance(value, list) else str(value)
     return str(body)[:200]
+
+
+def body_retry_after(response: Response) -> float | None:
+    """A 429's top-level `retry_after` (seconds) in a JSON body, if it has one."""
+    if response.status != 429 or not response.body.lstrip().startswith(b"{"):
+        return None
+    try:
+        body = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        return None
+    value = body.get("retry_after") if isinstance(body, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

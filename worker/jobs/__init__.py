@@ -8,11 +8,19 @@ from ..config import JobSpec
 from ..context import JobKind
 from .http import HttpJob
 from .marketplaces import EbayCatalogJob, EmagOffersJob
+from .parse_eventim import EventimJob
+from .parsers import FientaJob
 
 
 def kinds() -> dict[str, JobKind]:
     """A fresh registry of every job kind."""
-    return {"http": HttpJob(), "emag.offers": EmagOffersJob(), "ebay.catalog": EbayCatalogJob()}
+    return {
+        "http": HttpJob(),
+        "emag.offers": EmagOffersJob(),
+        "ebay.catalog": EbayCatalogJob(),
+        "parse.fienta": FientaJob(),
+        "parse.eventim": EventimJob(),
+    }
 
 
 def checkers(registry: Mapping[str, JobKind]) -> dict[str, Callable[[JobSpec], None]]:

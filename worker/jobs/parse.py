@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from .. import run_items
 from ..config import JobSpec
 from ..context import RunContext
+from ..parsing import Bad, EventSource
 
 FAILED_SAMPLE = 20
-
-
-@dataclass(frozen=True)
-class Bad:
-    """An event the source could not read: its id (or "?") and why."""
-
-    external_id: str
-    reason: str
-
-
-class EventSource(Protocol):
-    """A parser: the site's events matching `meta`, normalised, in a stable order."""
-
-    @property
-    def expected(self) -> int | None:
-        """How many events the source expects to yield, once known (for progress)."""
-        ...
-
-    def events(self) -> AsyncGenerator[dict[str, Any] | Bad, None]:
-        """Each event as a JSON object (see docs/parsing.md), or `Bad` for one it
-        could not read."""
-        ...
 
 
 class ParseJob(ABC):
@@ -134,3 +112,6 @@ class _Operation:
             f"{head}processed {stats['events']} of {total} events, batch {batch} of"
             f" {max(batches, batch)} ({stats['failed']} failed)"
         )
+
+
+__all__ = ["Bad", "EventSource", "ParseJob"]

@@ -281,5 +281,8 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_get("/runs/{id}", get_run)
         app.router.add_post("/runs/{id}/cancel", cancel_run)
         app.router.add_get("/products", list_products)
+        from .parsing import add_routes  # here: it imports this module's STATE and helpers
+
+        add_routes(app)
         app.router.add_get("/", status_page)
     return app
