@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One replica plus the sandbox marketplace it syncs from (stopped with the replica).
+# One replica plus the sandbox marketplace and event sites it reads (stopped with the replica).
 run: $(STAMP)
 	$(BIN)/worker migrate --create-db
 	@set -a; . examples/sandbox.env; set +a; \
-	$(BIN)/worker sandbox --port 8900 --emag-items 5000 & sandbox=$$!; \
+	$(BIN)/worker sandbox --port 8900 --emag-items 5000 --fienta-port 8901 --eventim-port 8902 & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	WORKER_JOBS_FILE=$${WORKER_JOBS_FILE:-examples/jobs.toml} $(BIN)/worker run
 

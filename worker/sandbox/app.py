@@ -188,11 +188,34 @@ async def _faults(request: web.Request) -> web.Response:
     return json_response(faults.as_json())
 
 
-async def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8900) -> None:
-    """Serve the sandbox until cancelled, after printing one line with the base URLs."""
+async def serve(
+    config: SandboxConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8900,
+    fienta_port: int | None = None,
+    eventim_port: int | None = None,
+) -> None:
+    """Serve the sandbox until cancelled, after printing one line with the base URLs.
+
+    With `fienta_port` / `eventim_port`, the fake event sites too, each on its own port
+    (each serves its own robots.txt at its root, as the real sites do).
+    """
     runner = web.AppRunner(build_app(config), access_log=None)
     await runner.setup()
+    sites = []
     try:
+        for name, make, port_, path in (
+            ("Fienta", _fienta_app, fienta_port, "/api/v1"),
+            ("Eventim", _eventim_app, eventim_port, "/websearch/search/api/exploration"),
+        ):
+            if port_ is None:
+                continue
+            other = web.AppRunner(make(config.seed), access_log=None)
+            await other.setup()
+            sites.append(other)
+            await web.TCPSite(other, host, port_).start()
+            print(f"sandbox {name}: http://{host}:{port_}{path}", flush=True)
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
@@ -206,7 +229,23 @@ async def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8
         )
         await asyncio.Event().wait()
     finally:
+        for other in sites:
+            await other.cleanup()
         await runner.cleanup()
+
+
+def _fienta_app(seed: int) -> web.Application:
+    from .fienta import FientaConfig
+    from .fienta import build_app as fienta_app
+
+    return fienta_app(FientaConfig(seed=seed))
+
+
+def _eventim_app(seed: int) -> web.Application:
+    from .eventim import EventimConfig
+    from .eventim import build_app as eventim_app
+
+    return eventim_app(EventimConfig(seed=seed))
 
 
 def _count(text: str) -> int:
@@ -243,6 +282,12 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-next", type=_count, default=0, metavar="N", help="fail the first N data requests"
     )
     parser.add_argument("--fail-status", type=int, choices=(500, 502, 503), default=503)
+    parser.add_argument(
+        "--fienta-port", type=int, default=None, help="also serve a fake Fienta on this port"
+    )
+    parser.add_argument(
+        "--eventim-port", type=int, default=None, help="also serve a fake Eventim on this port"
+    )
     return parser
 
 
@@ -263,5 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, host=args.host, port=args.port))
+        asyncio.run(
+            serve(
+                config,
+                host=args.host,
+                port=args.port,
+                fienta_port=args.fienta_port,
+                eventim_port=args.eventim_port,
+            )
+        )
     return 0
