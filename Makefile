@@ -17,7 +17,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/worker migrate --create-db
 	@set -a; . examples/sandbox.env; set +a; \
-	$(BIN)/worker sandbox --port 8900 --emag-items 5000 --fienta-port 8901 --eventim-port 8902 & sandbox=$$!; \
+	$(BIN)/worker sandbox --port 8900 --emag-items 5000 --fienta-port 8901 --eventim-port 8902 \
+	  --kontramarka-port 8903 & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	WORKER_JOBS_FILE=$${WORKER_JOBS_FILE:-examples/jobs.toml} $(BIN)/worker run
 

@@ -1,8 +1,9 @@
 """The catalogue store: set-based batch upsert of synced items, gone-marking, queries.
 
 One batch is COPYed into a per-connection staging table and merged with a single
-`INSERT … ON CONFLICT … WHERE hash differs`: rows whose content hash is unchanged
-are not rewritten at all, and the database, not a per-row round trip, sets the pace.
+`INSERT … ON CONFLICT … WHERE hash differs` (`worker.merge`, shared with seed 001's
+events): rows whose content hash is unchanged are not rewritten at all, and the
+database, not a per-row round trip, sets the pace.
 
 One bad item never costs the batch: NUL characters (which Postgres refuses in text
 and in jsonb) are removed before the merge, and an item the database still refuses
@@ -11,31 +12,46 @@ is found by bisecting the batch under savepoints and reported, while the rest co
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import asyncpg
 import orjson
 
+from . import merge
 from .db import Connection, Pool
 
 MAX_PRICE = Decimal(10) ** 10  # numeric(14, 4)
-_STAGE = "products_stage"
-_STAGE_COLUMNS = (
-    "external_id",
-    "name",
-    "sku",
-    "ean",
-    "price",
-    "currency",
-    "stock",
-    "status",
-    "url",
-    "raw",
-    "hash",
+# The catalogue as a batch-merge target: `source` and `account` are the same for a
+# whole batch ($1, $2); `$3` is `want_details` (see `upsert`).
+PRODUCTS = merge.Target(
+    table="products",
+    alias="p",
+    key=("source", "account", "external_id"),
+    constants=("source", "account"),
+    staged=(
+        ("external_id", "text"),
+        ("name", "text"),
+        ("sku", "text"),
+        ("ean", "text"),
+        ("price", "numeric"),
+        ("currency", "text"),
+        ("stock", "integer"),
+        ("status", "text"),
+        ("url", "text"),
+        ("raw", "text"),
+        ("hash", "bytea"),
+    ),
+    casts={"raw": "jsonb"},
+    computed={"details_pending": "$3"},
+    updates={
+        "ean": "CASE WHEN $3 THEN coalesce(EXCLUDED.ean, p.ean) ELSE EXCLUDED.ean END",
+        "details_pending": "p.details_pending OR $3",
+    },
+    also_set={"last_seen": "now()", "gone_at": "NULL", "missed_passes": "0"},
+    rewrite_when="p.gone_at IS NOT NULL",
+    label=("external_id",),
 )
 PUBLIC_COLUMNS = (
     "source, account, external_id, name, sku, ean, mpn, brand, price, currency, stock,"
@@ -76,34 +92,12 @@ class Details:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class UpsertCounts:
-    """What a merge did. `failed` holds (external id, reason) for the items not stored;
-    `cleaned` counts the items whose NUL characters were removed."""
-
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    cleaned: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, other: UpsertCounts) -> None:
-        self.created += other.created
-        self.updated += other.updated
-        self.unchanged += other.unchanged
-        self.cleaned += other.cleaned
-        self.failed.extend(other.failed)
-
-
-# What the database (or asyncpg, encoding a value) refuses because of the data itself:
-# SQLSTATE class 22 (data exception) and 23 (integrity constraint), and a value asyncpg
-# cannot encode. The same item fails the same way every time, so it is isolated, never
-# retried; anything else (a timeout, a lost connection, the fence) fails the commit.
-REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, OverflowError)
+# The shared mechanism's names, as this module has always offered them.
+UpsertCounts = merge.Counts
+REFUSED = merge.REFUSED
+Record = merge.Record
+strip_nul = merge.strip_nul
 _TEXT_FIELDS = ("external_id", "name", "sku", "ean", "currency", "status", "url")
-_NUL = "\x00"
-_JSON_NUL = b"\\u0000"  # how orjson writes a NUL inside a JSON string
-Record = tuple[Any, ...]
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -137,46 +131,22 @@ def text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-async def _ensure_stage(conn: Connection) -> None:
-    # Temp tables live per connection; ON COMMIT DELETE ROWS empties it after each batch.
-    await conn.execute(
-        f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
-        " external_id text, name text, sku text, ean text, price numeric, currency text,"
-        " stock integer, status text, url text, raw text, hash bytea) ON COMMIT DELETE ROWS"
-    )
-
-
-def strip_nul(value: Any) -> Any:
-    """A JSON value with every NUL character removed, in keys and values, at any depth."""
-    if isinstance(value, str):
-        return value.replace(_NUL, "")
-    if isinstance(value, dict):
-        return {strip_nul(k): strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [strip_nul(v) for v in value]
-    return value
-
-
 def clean(item: Item) -> tuple[Item, bool]:
     """The item with NUL characters removed from its text fields; True if any were.
 
     `raw` is cleaned where it is serialised (see `_record`), where the check is free.
     """
     dirty: dict[str, Any] = {
-        name: value.replace(_NUL, "")
+        name: value.replace(merge.NUL, "")
         for name in _TEXT_FIELDS
-        if isinstance(value := getattr(item, name), str) and _NUL in value
+        if isinstance(value := getattr(item, name), str) and merge.NUL in value
     }
     return (replace(item, **dirty), True) if dirty else (item, False)
 
 
 def _record(item: Item) -> tuple[Record, bool]:
     """The staging row of a clean item, with the hash of exactly the raw JSON stored."""
-    raw = orjson.dumps(item.raw, option=orjson.OPT_SORT_KEYS)
-    cleaned = False
-    if _JSON_NUL in raw:
-        stripped = orjson.dumps(strip_nul(item.raw), option=orjson.OPT_SORT_KEYS)
-        cleaned, raw = stripped != raw, stripped
+    raw, digest, cleaned = merge.encode_json(item.raw)
     row = (
         item.external_id,
         item.name,
@@ -187,8 +157,8 @@ def _record(item: Item) -> tuple[Record, bool]:
         item.stock,
         item.status,
         item.url,
-        raw.decode(),
-        hashlib.blake2b(raw, digest_size=16).digest(),
+        raw,
+        digest,
     )
     return row, cleaned
 
@@ -226,61 +196,10 @@ async def upsert(
         records.append(row)
         counts.cleaned += dirty or raw_dirty
     if records:
-        await _ensure_stage(conn)
-        counts.add(await _merge_isolated(conn, source, account, records, want_details))
+        counts.add(await merge.upsert(conn, PRODUCTS, records, source, account, want_details))
     if seen_by is not None and latest:
         await record_seen(conn, run_id=seen_by, external_ids=list(latest))
     return counts
-
-
-async def _merge_isolated(
-    conn: Connection, source: str, account: str, records: list[Record], want_details: bool
-) -> UpsertCounts:
-    """Merge `records` under a savepoint; when the database refuses the batch, bisect it
-    so the good rows are stored and each refused one is reported with the reason."""
-    try:
-        async with conn.transaction():  # nested: a SAVEPOINT, so a refusal undoes only this
-            return await _merge(conn, source, account, records, want_details)
-    except REFUSED as exc:
-        if len(records) == 1:
-            by = "the database" if isinstance(exc, asyncpg.PostgresError) else "asyncpg"
-            reason = " ".join(f"refused by {by}: {type(exc).__name__}: {exc}".split())
-            return UpsertCounts(failed=[(str(records[0][0]), reason)])
-    half = len(records) // 2
-    counts = await _merge_isolated(conn, source, account, records[:half], want_details)
-    counts.add(await _merge_isolated(conn, source, account, records[half:], want_details))
-    return counts
-
-
-async def _merge(
-    conn: Connection, source: str, account: str, records: list[Record], want_details: bool
-) -> UpsertCounts:
-    await conn.execute(f"TRUNCATE {_STAGE}")  # a second batch in the same transaction
-    await conn.copy_records_to_table(_STAGE, records=records, columns=_STAGE_COLUMNS)
-    # Counted in the database: one row back per batch, not one per changed item.
-    row = await conn.fetchrow(
-        "WITH merged AS (INSERT INTO products AS p (source, account, external_id, name, sku,"
-        " ean, price, currency, stock, status, url, raw, hash, details_pending)"
-        " SELECT $1, $2, external_id, name, sku, ean, price, currency, stock, status, url,"
-        f" raw::jsonb, hash, $3 FROM {_STAGE}"
-        " ON CONFLICT (source, account, external_id) DO UPDATE SET"
-        " name = EXCLUDED.name, sku = EXCLUDED.sku,"
-        " ean = CASE WHEN $3 THEN coalesce(EXCLUDED.ean, p.ean) ELSE EXCLUDED.ean END,"
-        " details_pending = p.details_pending OR $3,"
-        " price = EXCLUDED.price, currency = EXCLUDED.currency, stock = EXCLUDED.stock,"
-        " status = EXCLUDED.status, url = EXCLUDED.url, raw = EXCLUDED.raw,"
-        " hash = EXCLUDED.hash, last_seen = now(), gone_at = NULL, missed_passes = 0"
-        " WHERE p.hash <> EXCLUDED.hash OR p.gone_at IS NOT NULL"
-        " RETURNING (xmax = 0) AS created)"
-        " SELECT count(*) FILTER (WHERE created) AS created, count(*) AS written FROM merged",
-        source,
-        account,
-        want_details,
-    )
-    created, written = int(row["created"]), int(row["written"])
-    return UpsertCounts(
-        created=created, updated=written - created, unchanged=len(records) - written
-    )
 
 
 async def pending_details(

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import orjson
 from redis.exceptions import RedisError
 
-from . import catalog, db, jobs, logs, operations, runs
+from . import catalog, db, events, jobs, logs, operations, runs
 from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError, Unreachable
@@ -230,6 +230,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _bound(*, end: bool) -> Callable[[str], datetime]:
+    def parse(text: str) -> datetime:
+        try:
+            return events.day_or_instant(text, end=end)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+async def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        total, items = await events.search(
+            pool,
+            source=args.source,
+            city=args.city,
+            starts_from=args.starts_from,
+            starts_to=args.starts_to,
+            text=args.search,
+            limit=args.limit,
+            offset=args.offset,
+        )
+    if args.json:
+        print(orjson.dumps({"total": total, "items": [db.jsonable(i) for i in items]}).decode())
+        return 0
+    for e in items:
+        when = f"{e['starts_at']:%Y-%m-%d %H:%M}Z" if e.get("starts_at") else "-"
+        where = ", ".join(str(x) for x in (e.get("venue"), e.get("city")) if x)
+        print(f"{e['source']:<12} {when:<17} {(e.get('title') or '')[:50]:<50}  {where}")
+    shown = f"{args.offset + 1}-{args.offset + len(items)}" if items else "none"
+    print(f"{total} events match ({shown} shown)")
+    return 0
+
+
 def _whole(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: a whole number from `lo` to `hi`."""
 
@@ -284,6 +318,19 @@ def _parser() -> argparse.ArgumentParser:
         "--offset", type=_whole(0, MAX_OFFSET), default=0, help="skip this many (default 0)"
     )
     pp.add_argument("--json", action="store_true", help="print JSON")
+    ep = sub.add_parser("events", help="query the events filed from parsing operations")
+    ep.add_argument("--source", help="fienta, eventim, kontramarka, …")
+    ep.add_argument("--city", help="the city, as the event gives it (any case)")
+    ep.add_argument("--from", dest="starts_from", type=_bound(end=False), help="starts on or after")
+    ep.add_argument("--to", dest="starts_to", type=_bound(end=True), help="starts on or before")
+    ep.add_argument("--search", help="text in the title or the venue")
+    ep.add_argument(
+        "--limit", type=_whole(1, MAX_LIMIT), default=20, help="how many (default 20, at most 1000)"
+    )
+    ep.add_argument(
+        "--offset", type=_whole(0, MAX_OFFSET), default=0, help="skip this many (default 0)"
+    )
+    ep.add_argument("--json", action="store_true", help="print JSON")
     tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
     tp.add_argument("job", metavar="JOB")
     tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
@@ -305,6 +352,7 @@ COMMANDS: dict[str, Command] = {
     "operations": cmd_operations,
     "trigger": cmd_trigger,
     "products": cmd_products,
+    "events": cmd_events,
     "cancel": cmd_cancel,
 }
 

@@ -9,7 +9,9 @@ from ..context import JobKind
 from .http import HttpJob
 from .marketplaces import EbayCatalogJob, EmagOffersJob
 from .parse_eventim import EventimJob
+from .parse_schema_org import KontramarkaJob, SchemaOrgJob
 from .parsers import FientaJob
+from .remote_parsing import RemoteCreateJob, RemoteReadJob, RemoteSweepJob
 
 
 def kinds() -> dict[str, JobKind]:
@@ -20,6 +22,11 @@ def kinds() -> dict[str, JobKind]:
         "ebay.catalog": EbayCatalogJob(),
         "parse.fienta": FientaJob(),
         "parse.eventim": EventimJob(),
+        "parse.schema_org": SchemaOrgJob(),
+        "parse.kontramarka": KontramarkaJob(),
+        "remote_parsing.create": RemoteCreateJob(),
+        "remote_parsing.read": RemoteReadJob(),
+        "remote_parsing.sweep": RemoteSweepJob(),
     }
 
 

@@ -195,6 +195,7 @@ async def serve(
     port: int = 8900,
     fienta_port: int | None = None,
     eventim_port: int | None = None,
+    kontramarka_port: int | None = None,
 ) -> None:
     """Serve the sandbox until cancelled, after printing one line with the base URLs.
 
@@ -208,6 +209,7 @@ async def serve(
         for name, make, port_, path in (
             ("Fienta", _fienta_app, fienta_port, "/api/v1"),
             ("Eventim", _eventim_app, eventim_port, "/websearch/search/api/exploration"),
+            ("Kontramarka", _kontramarka_app, kontramarka_port, "/{city}/{language}/…"),
         ):
             if port_ is None:
                 continue
@@ -239,6 +241,13 @@ def _fienta_app(seed: int) -> web.Application:
     from .fienta import build_app as fienta_app
 
     return fienta_app(FientaConfig(seed=seed))
+
+
+def _kontramarka_app(seed: int) -> web.Application:
+    from .kontramarka import KontramarkaConfig
+    from .kontramarka import build_app as kontramarka_app
+
+    return kontramarka_app(KontramarkaConfig(seed=seed))
 
 
 def _eventim_app(seed: int) -> web.Application:
@@ -288,6 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eventim-port", type=int, default=None, help="also serve a fake Eventim on this port"
     )
+    parser.add_argument(
+        "--kontramarka-port",
+        type=int,
+        default=None,
+        help="also serve a fake Kontramarka (schema.org listings) on this port",
+    )
     return parser
 
 
@@ -315,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 fienta_port=args.fienta_port,
                 eventim_port=args.eventim_port,
+                kontramarka_port=args.kontramarka_port,
             )
         )
     return 0

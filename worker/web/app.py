@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
-from .. import catalog, runs
+from .. import catalog, events, runs
 from ..config import Settings
 from ..db import Pool, jsonable
 from ..election import Elector
@@ -216,6 +216,29 @@ async def list_products(request: web.Request) -> web.Response:
     return json_response({"total": total, "items": [jsonable(i) for i in items]})
 
 
+async def list_events(request: web.Request) -> web.Response:
+    """Events filed from parsing operations (the main-server role), by start."""
+    q = Query(request.query, ("source", "city", "from", "to", "search", "limit", "offset"))
+    bounds = {}
+    for name in ("from", "to"):
+        raw = q.text(name)
+        try:
+            bounds[name] = None if raw is None else events.day_or_instant(raw, end=name == "to")
+        except ValueError as exc:
+            raise ApiError(400, f"bad_{name}", f"{name}: {exc}") from None
+    total, items = await events.search(
+        request.app[STATE].pool,
+        source=q.text("source"),
+        city=q.text("city"),
+        starts_from=bounds["from"],
+        starts_to=bounds["to"],
+        text=q.text("search"),
+        limit=q.integer("limit", default=50, lo=1, hi=MAX_LIMIT),
+        offset=q.integer("offset", default=0, lo=0, hi=MAX_OFFSET),
+    )
+    return json_response({"total": total, "items": [jsonable(i) for i in items]})
+
+
 def _require_key(request: web.Request) -> None:
     expected = request.app[STATE].settings.api_key
     if not expected:
@@ -232,6 +255,8 @@ async def trigger(request: web.Request) -> web.Response:
     spec = state.settings.job(name)
     if spec is None:
         raise ApiError(404, "unknown_job", f"no job named {name!r}")
+    if spec.kind in events.SCHEDULE_ONLY_KINDS:
+        raise ApiError(400, "schedule_only", f"job {name!r}: {events.NOT_BY_HAND}")
     if not spec.manual:
         raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
     run_id = await runs.enqueue(
@@ -281,6 +306,7 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_get("/runs/{id}", get_run)
         app.router.add_post("/runs/{id}/cancel", cancel_run)
         app.router.add_get("/products", list_products)
+        app.router.add_get("/events", list_events)
         from .parsing import add_routes  # here: it imports this module's STATE and helpers
 
         add_routes(app)
