@@ -721,3 +721,13 @@ async def test_what_another_parsing_server_sends_with_nul_characters_is_stored(
     assert (again.id, recorded) == (op.id, False)
     [row] = await events.operations(pool)
     assert (row["status"], row["error_text"]) == ("error", "down")
+
+
+def test_days_ahead_windows_start_on_the_local_day_of_the_slot() -> None:
+    from datetime import UTC, date, datetime
+
+    from worker.jobs.remote_parsing import run_day
+
+    monday_1am_kyiv = datetime(2026, 11, 29, 23, 0, tzinfo=UTC)  # 01:00 on Monday in Kyiv
+    assert run_day(monday_1am_kyiv, "Europe/Kyiv") == date(2026, 11, 30)
+    assert run_day(monday_1am_kyiv, "UTC") == date(2026, 11, 29)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -40,6 +41,14 @@ from ..ratelimit import Rate
 from ..upstream import Response, Timeouts, Upstream, error_detail, host_label, redact_url
 
 SERVER_URL_ENV = "PARSING_SERVER_URL"
+
+
+def run_day(slot: datetime | None, timezone: str) -> date:
+    """The day a run is for, in the job's timezone (a Monday 01:00 Kyiv slot is Sunday
+    in UTC): where `days_ahead` windows start."""
+    return (slot or datetime.now(UTC)).astimezone(ZoneInfo(timezone)).date()
+
+
 API_KEY_ENV = "PARSING_SERVER_API_KEY"
 STATUSES = ("pending", "processing", "success", "error")
 MAX_LISTS = 20  # GET /parsing/unprocessed calls in one sweep
@@ -344,7 +353,7 @@ class RemoteCreateJob:
     async def run(self, ctx: RunContext) -> dict[str, Any]:
         server = _server(ctx)
         type_name = str(ctx.params["type"])
-        meta = build_meta(ctx.params, (ctx.slot or datetime.now(UTC)).date())
+        meta = build_meta(ctx.params, run_day(ctx.slot, ctx.job.timezone))
         remote_id = await server.create(type_name, meta)  # fails the run: nothing recorded
         async with ctx.fenced() as conn:
             op, _ = await events.record_operation(
