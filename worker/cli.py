@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import orjson
 from redis.exceptions import RedisError
 
-from . import catalog, db, events, jobs, logs, operations, runs
+from . import backfill, catalog, db, events, jobs, logs, operations, pauses, runs
 from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError, Unreachable
@@ -75,10 +75,15 @@ async def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     for r in rows:
         lr = r["last_run"]
         last_txt = f"{lr['status']} #{lr['id']} {lr['created_at'][:19]}" if lr else "never ran"
+        nxt = f"PAUSED by {r['paused_by']}" if r.get("paused") else (r["next_slot"] or "-")[:19]
         print(
             f"{r['name']:<24} {r['kind']:<14} {r['schedule'] or '-':<18} {r['timezone']:<18}"
-            f" next {(r['next_slot'] or '-')[:19]}  last {last_txt}"
+            f" next {nxt}  last {last_txt}"
         )
+        if r.get("paused") and r.get("note"):
+            print(f"{'':<24} note: {r['note']}")
+        if r.get("failure_streak"):
+            print(f"{'':<24} {r['failure_streak']} failed runs in a row")
     return 0
 
 
@@ -164,15 +169,45 @@ async def cmd_products(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _unknown_job(settings: Settings, name: str) -> int:
+    if settings.jobs_file is None:
+        print("no jobs file: set WORKER_JOBS_FILE to the replicas' jobs file", file=sys.stderr)
+    else:
+        known = ", ".join(j.name for j in settings.jobs) or "none"
+        print(f"unknown job {name!r} (known: {known})", file=sys.stderr)
+    return 2
+
+
+async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.job(args.job) is None:
+        return _unknown_job(settings, args.job)
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        row = await pauses.pause(pool, args.job, by="cli", note=args.note)
+    since = f"{row['paused_at']:%Y-%m-%d %H:%M:%S %Z}"
+    print(f"{args.job}: paused since {since} by {row['paused_by']}: {row['pause_note'] or '-'}")
+    print("slots that come due while it is paused will not be run, not even after resuming")
+    return 0
+
+
+async def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.job(args.job) is None:
+        return _unknown_job(settings, args.job)
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        row = await pauses.resume(pool, args.job)
+    span = (
+        f" (paused from {row['last_paused_at']:%Y-%m-%d %H:%M:%S} to"
+        f" {row['resumed_at']:%Y-%m-%d %H:%M:%S %Z}; those slots are not owed)"
+        if row["last_paused_at"] and row["resumed_at"]
+        else ""
+    )
+    print(f"{args.job}: resumed{span}")
+    return 0
+
+
 async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     spec = settings.job(args.job)
     if spec is None:
-        if settings.jobs_file is None:
-            print("no jobs file: set WORKER_JOBS_FILE to the replicas' jobs file", file=sys.stderr)
-        else:
-            known = ", ".join(j.name for j in settings.jobs) or "none"
-            print(f"unknown job {args.job!r} (known: {known})", file=sys.stderr)
-        return 2
+        return _unknown_job(settings, args.job)
     if not spec.manual:
         print(f"job {args.job!r} has manual = false", file=sys.stderr)
         return 2
@@ -184,6 +219,34 @@ async def cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
         if not args.wait:
             return 0
         return await _follow(pool, run_id)
+
+
+async def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    spec = settings.job(args.job)
+    if spec is None:
+        return _unknown_job(settings, args.job)
+    if not spec.manual:
+        print(f"job {args.job!r} has manual = false", file=sys.stderr)
+        return 2
+    try:
+        start = backfill.bound(args.start, spec, "--from")
+        end = backfill.bound(args.end, spec, "--to")
+        slots = backfill.slots_in(spec, start, end, now=datetime.now(UTC), limit=args.max)
+    except backfill.BackfillError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        done = await backfill.queue(pool, spec, slots, requested_by="cli")
+    answer = done.public()
+    if args.json:
+        print(orjson.dumps(answer).decode())
+        return 0
+    span = f" ({answer['first']} to {answer['last']})" if slots else ""
+    print(f"{spec.name}: {len(slots)} slot(s) in the range{span}")
+    print(f"queued {done.queued}; skipped {len(done.skipped)} that already had a row")
+    for slot in answer["skipped_slots"]:
+        print(f"  skipped {slot}")
+    return 0
 
 
 async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
@@ -331,9 +394,25 @@ def _parser() -> argparse.ArgumentParser:
         "--offset", type=_whole(0, MAX_OFFSET), default=0, help="skip this many (default 0)"
     )
     ep.add_argument("--json", action="store_true", help="print JSON")
+    pa = sub.add_parser("pause", help="pause JOB's schedule (its slots are not owed meanwhile)")
+    pa.add_argument("job", metavar="JOB")
+    pa.add_argument("--note", default="", help="why (shown on the job)")
+    ra = sub.add_parser("resume", help="resume JOB's schedule from now")
+    ra.add_argument("job", metavar="JOB")
     tp = sub.add_parser("trigger", help="queue a manual run of JOB (the leader picks it up)")
     tp.add_argument("job", metavar="JOB")
     tp.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    bp = sub.add_parser("backfill", help="queue every slot of JOB's schedule in a past range")
+    bp.add_argument("job", metavar="JOB")
+    bp.add_argument("--from", dest="start", required=True, help="a date or date-time with offset")
+    bp.add_argument("--to", dest="end", required=True, help="a date or date-time, not after now")
+    bp.add_argument(
+        "--max",
+        type=_whole(1, backfill.HARD_MAX),
+        default=backfill.DEFAULT_MAX,
+        help=f"refuse a range of more slots (default {backfill.DEFAULT_MAX})",
+    )
+    bp.add_argument("--json", action="store_true", help="print JSON")
     cp = sub.add_parser("cancel", help="cancel a queued or running run")
     cp.add_argument("run_id", type=_whole(1, MAX_ID), metavar="RUN_ID")
     cp.add_argument("--wait", action="store_true", help="follow the run until it has stopped")
@@ -351,9 +430,12 @@ COMMANDS: dict[str, Command] = {
     "runs": cmd_runs,
     "operations": cmd_operations,
     "trigger": cmd_trigger,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
     "products": cmd_products,
     "events": cmd_events,
     "cancel": cmd_cancel,
+    "backfill": cmd_backfill,
 }
 
 

@@ -80,6 +80,7 @@ class JobSpec:
     misfire_grace: float = 60.0
     overlap: Overlap = "forbid"
     manual: bool = True
+    pause_after_failures: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -93,6 +94,7 @@ class JobSpec:
             "misfire_grace": self.misfire_grace,
             "overlap": self.overlap,
             "manual": self.manual,
+            "pause_after_failures": self.pause_after_failures,
         }
 
 
@@ -244,6 +246,7 @@ _JOB_FIELDS = {
     "misfire_grace",
     "overlap",
     "manual",
+    "pause_after_failures",
     "params",
 }
 
@@ -336,6 +339,14 @@ def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
     manual = table.get("manual", True)
     if not isinstance(manual, bool):
         raise bad("manual", f"must be true or false; got {manual!r}")
+    pause_after = table.get("pause_after_failures")
+    if pause_after is not None and (
+        isinstance(pause_after, bool) or not isinstance(pause_after, int) or pause_after < 1
+    ):
+        raise bad(
+            "pause_after_failures",
+            f"must be a whole number >= 1 (or left out); got {pause_after!r}",
+        )
     params = table.get("params", {})
     if not isinstance(params, dict):
         raise bad("params", "must be a table ([jobs.params])")
@@ -349,5 +360,6 @@ def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
         misfire_grace=durations["misfire_grace"],
         overlap=overlap,
         manual=manual,
+        pause_after_failures=pause_after,
         params=params,
     )

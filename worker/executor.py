@@ -16,7 +16,7 @@ from typing import Any
 
 import aiojobs
 
-from . import db, logs, metrics, runs
+from . import db, logs, metrics, pauses, runs
 from .config import JobSpec, Settings
 from .context import JobKind, RunContext
 from .db import Pool
@@ -171,7 +171,7 @@ class Executor:
 
     async def _finish(self, run_id: int, name: str, end: _End, started: float) -> None:
         try:
-            await self._record_end(run_id, end)
+            await self._record_end(run_id, name, end)
         finally:
             self.active.pop(run_id, None)
             self._jobs.pop(run_id, None)
@@ -187,7 +187,24 @@ class Executor:
             )
             self._wake.set()
 
-    async def _record_end(self, run_id: int, end: _End) -> None:
+    async def _count_outcome(self, conn: db.Connection, spec: JobSpec, end: _End) -> None:
+        paused = await pauses.record_outcome(
+            conn,
+            spec.name,
+            status=end.status,
+            error=end.error,
+            pause_after=spec.pause_after_failures,
+        )
+        if paused:
+            metrics.JOBS_AUTO_PAUSED.labels(spec.name).inc()
+            log.warning(
+                "%s paused after %d failed runs in a row (pause_after_failures); last error: %s",
+                spec.name,
+                spec.pause_after_failures,
+                end.error,
+            )
+
+    async def _record_end(self, run_id: int, job: str, end: _End) -> None:
         """Write the run's end, retrying through database blips for up to `reap_after`
         (after that the reaper would take the run anyway)."""
         loop = asyncio.get_running_loop()
@@ -196,7 +213,7 @@ class Executor:
         while True:
             try:
                 async with db.fenced(self.pool, self.token) as conn:
-                    await runs.finish(
+                    finished = await runs.finish(
                         conn,
                         run_id,
                         status=end.status,
@@ -204,6 +221,9 @@ class Executor:
                         result=end.result,
                         handed_off=end.handed_off,
                     )
+                    spec = self.jobs.get(job)
+                    if finished and spec is not None:
+                        await self._count_outcome(conn, spec, end)
                     if end.resume:
                         for new, _ in await runs.queue_resumes(
                             conn,

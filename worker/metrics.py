@@ -35,6 +35,11 @@ GONE_GUARD_TRIPS = Counter(
     "Complete passes that listed too few items to mark anything gone",
     ["job"],
 )
+JOBS_AUTO_PAUSED = Counter(
+    "worker_jobs_auto_paused_total",
+    "Jobs the leader paused after pause_after_failures failed runs in a row",
+    ["job"],
+)
 RUNS_SUPERSEDED = Counter(
     "worker_runs_superseded_total",
     "Resumes dropped because a newer complete pass of the job finished first",

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from . import db, metrics, runs
+from . import db, metrics, pauses, runs
 from .config import JobSpec
 from .db import Pool
 from .errors import Fenced
@@ -55,7 +55,12 @@ class Planner:
         next_due = now + timedelta(seconds=POLL_EVERY)
         async with db.fenced(self.pool, self.token) as conn:
             busy = await runs.busy_jobs(conn)
+            paused = await pauses.paused_jobs(conn)
         for spec in self.jobs:
+            if spec.name in paused:
+                # Slots that come due while a job is paused are not owed.
+                self._after[spec.name] = now
+                continue
             try:
                 upcoming = await self._plan(spec, now, busy=spec.name in busy)
             except (Fenced, *db.DB_ERRORS) as exc:
@@ -126,8 +131,11 @@ class Planner:
         if spec.name not in self._after:
             async with db.fenced(self.pool, self.token) as conn:
                 since = await runs.job_since(conn, spec.name)
+                resumed = await pauses.resumed_at(conn, spec.name)
             last = await runs.last_slot(self.pool, spec.name)
-            self._after[spec.name] = max(since, last) if last else since
+            # Planning picks up at the newest of: when the job was first seen, its newest
+            # slot, and when it was last resumed (a pause's slots are not owed).
+            self._after[spec.name] = max(t for t in (since, last, resumed) if t is not None)
         return self._after[spec.name]
 
     async def _failed(self, spec: JobSpec, exc: Exception) -> None:

@@ -43,7 +43,11 @@ async def job_since(conn: Connection, job: str) -> datetime:
 
 
 async def last_slot(pool: Pool, job: str) -> datetime | None:
-    last: datetime | None = await pool.fetchval("SELECT max(slot) FROM runs WHERE job = $1", job)
+    """The newest slot the scheduler decided (backfilled slots are an operator's, not
+    the scheduler's: they must not hide slots owed from an outage before them)."""
+    last: datetime | None = await pool.fetchval(
+        "SELECT max(slot) FROM runs WHERE job = $1 AND trigger <> 'backfill'", job
+    )
     return last
 
 
@@ -193,6 +197,31 @@ async def set_job_error(conn: Connection, job: str, error: str | None) -> None:
         job,
         error,
     )
+
+
+async def job_states(pool: Pool) -> dict[str, dict[str, Any]]:
+    """Each job's pause state and failure streak (worker.pauses keeps them)."""
+    rows = await pool.fetch(
+        "SELECT job, paused_at, paused_by, pause_note, resumed_at, last_paused_at,"
+        " failure_streak FROM job_state"
+    )
+    return {r["job"]: dict(r) for r in rows}
+
+
+def _pause_view(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`paused`, who, when and why; the last pause's span; the current failure streak."""
+    return {
+        "paused": state.get("paused_at") is not None,
+        "paused_by": state.get("paused_by") if state.get("paused_at") else None,
+        "paused_at": state.get("paused_at"),
+        "note": state.get("pause_note") if state.get("paused_at") else None,
+        "last_pause": (
+            {"from": state["last_paused_at"], "to": state.get("resumed_at")}
+            if state.get("last_paused_at")
+            else None
+        ),
+        "failure_streak": state.get("failure_streak", 0),
+    }
 
 
 async def job_errors(pool: Pool) -> dict[str, dict[str, Any]]:
@@ -438,6 +467,7 @@ async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> l
     """Each job's settings with its next slot and newest run (raw values)."""
     last = await last_runs(pool)
     errors = await job_errors(pool)
+    states = await job_states(pool)
     views = []
     for spec in specs:
         try:
@@ -451,6 +481,7 @@ async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> l
                 "next_slot": next_slot,
                 "last_run": last.get(spec.name),
                 "planning_error": error["error"] if error else None,
+                **_pause_view(states.get(spec.name, {})),
             }
         )
     return views
@@ -459,11 +490,16 @@ async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> l
 def public_job(view: Mapping[str, Any]) -> dict[str, Any]:
     """A `job_overview` entry as the API and CLI show it."""
     next_slot, last_run = view["next_slot"], view["last_run"]
-    return {
+    out = {
         **view,
         "next_slot": next_slot.isoformat() if next_slot else None,
         "last_run": public(last_run) if last_run else None,
     }
+    if isinstance(out.get("paused_at"), datetime):
+        out["paused_at"] = out["paused_at"].isoformat()
+    if out.get("last_pause"):
+        out["last_pause"] = jsonable(out["last_pause"])
+    return out
 
 
 def public(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
-from .. import catalog, events, runs
+from .. import backfill, catalog, events, runs
 from ..config import Settings
 from ..db import Pool, jsonable
 from ..election import Elector
@@ -270,6 +270,52 @@ async def trigger(request: web.Request) -> web.Response:
     return json_response({"run_id": run_id, "status": "queued"}, status=202)
 
 
+async def backfill_job(request: web.Request) -> web.Response:
+    """Queue every slot of the job's schedule in [from, to] (see `worker.backfill`)."""
+    _require_key(request)
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    spec = state.settings.job(name)
+    if spec is None:
+        raise ApiError(404, "unknown_job", f"no job named {name!r}")
+    if spec.kind in events.SCHEDULE_ONLY_KINDS:
+        raise ApiError(400, "schedule_only", f"job {name!r}: {events.NOT_BY_HAND}")
+    if not spec.manual:
+        raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_body", f"body: not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_body", "body: must be a JSON object {from, to, max}")
+    unknown = sorted(set(body) - {"from", "to", "max"})
+    if unknown:
+        raise ApiError(400, "unknown_field", f"body: unknown field {unknown[0]!r}")
+    limit = body.get("max", backfill.DEFAULT_MAX)
+    if type(limit) is not int:
+        raise ApiError(400, "bad_max", f"max: must be a whole number, got {limit!r}"[:120])
+    try:
+        bounds = {}
+        for field in ("from", "to"):
+            raw = body.get(field)
+            if not isinstance(raw, str):
+                raise backfill.BackfillError(field, "required: an ISO date or date-time")
+            bounds[field] = backfill.bound(raw, spec, field)
+        done = await backfill.backfill(
+            state.pool,
+            spec,
+            start=bounds["from"],
+            end=bounds["to"],
+            now=datetime.now(UTC),
+            limit=limit,
+            requested_by=f"api:{state.settings.worker_id}",
+        )
+    except backfill.BackfillError as exc:
+        raise ApiError(400, f"bad_{exc.field}", str(exc)) from None
+    log.info("backfill of %s: %d slot(s) queued, %d skipped", name, done.queued, len(done.skipped))
+    return json_response(done.public(), status=202)
+
+
 async def status_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
     now = datetime.now(UTC)
@@ -302,13 +348,17 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_get("/jobs", list_jobs)
         app.router.add_get("/jobs/{name}", get_job)
         app.router.add_post("/jobs/{name}/trigger", trigger)
+        app.router.add_post("/jobs/{name}/backfill", backfill_job)
         app.router.add_get("/runs", list_runs)
         app.router.add_get("/runs/{id}", get_run)
         app.router.add_post("/runs/{id}/cancel", cancel_run)
         app.router.add_get("/products", list_products)
         app.router.add_get("/events", list_events)
-        from .parsing import add_routes  # here: it imports this module's STATE and helpers
+        # Imported here: they import this module's STATE and helpers.
+        from .control import add_routes as add_control_routes
+        from .parsing import add_routes
 
         add_routes(app)
+        add_control_routes(app)
         app.router.add_get("/", status_page)
     return app

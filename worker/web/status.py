@@ -93,7 +93,12 @@ def render(
             schedule=escape(j["schedule"] or "manual"),
             tz=escape(j["timezone"]),
             next=(
-                '<span class="err">cannot plan: {}</span>'.format(
+                '<span class="err">paused by {}{}</span>'.format(
+                    escape(str(j.get("paused_by") or "")),
+                    escape(f": {redact(j['note'])}") if j.get("note") else "",
+                )
+                if j.get("paused")
+                else '<span class="err">cannot plan: {}</span>'.format(
                     escape(str(redact(j["planning_error"])))
                 )
                 if j.get("planning_error")
