@@ -95,3 +95,32 @@ async def test_a_library_report_is_not_a_crash_but_a_lost_exception_is(
         assert stop.is_set()
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_a_library_future_holding_a_lost_connection_is_not_a_crash() -> None:
+    """Seen in the frozen-leader test: when the woken leader's connection turned out to
+    be ended, asyncpg left a bare future holding ConnectionDoesNotExistError that
+    nobody awaited; the replica took the report for a crash and exited 1."""
+    import gc
+
+    import asyncpg
+
+    from worker.app import stray_error_handler
+
+    loop = asyncio.get_running_loop()
+    crashed, stop = asyncio.Event(), asyncio.Event()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(stray_error_handler(crashed, stop))
+    try:
+        future = loop.create_future()
+        future.set_exception(
+            asyncpg.exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation"
+            )
+        )
+        del future
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not crashed.is_set()
+    finally:
+        loop.set_exception_handler(previous)

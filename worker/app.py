@@ -68,6 +68,14 @@ def stray_error_handler(crashed: asyncio.Event, stop: asyncio.Event) -> _Excepti
         if not isinstance(error, BaseException):
             log.warning("event loop report: %s", context.get("message"))
             return
+        future = context.get("future")
+        if future is not None and not isinstance(future, asyncio.Task) and db.is_transient(error):
+            # A bare future of a library (asyncpg's, when a leader woken from a freeze
+            # finds its connection ended) that held a lost-connection error nobody
+            # awaited: the connection's own users got the error too. Our code runs in
+            # tasks, so a task's lost exception below is still taken for a crash.
+            log.warning("%s: %s: %s", context.get("message"), type(error).__name__, error)
+            return
         log.critical(
             "unhandled error: %s",
             context.get("message"),

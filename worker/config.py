@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .durations import parse_duration
 from .errors import ConfigError
-from .schedule import CronSchedule, Misfire, Overlap
+from .schedule import OVERLAPS, CronSchedule, Misfire, Overlap
 
 Role = Literal["all", "http", "scheduler"]
 ROLES: tuple[Role, ...] = ("all", "http", "scheduler")
@@ -334,8 +334,8 @@ def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
     if misfire not in ("skip", "latest", "all"):
         raise bad("misfire", f"must be skip, latest or all; got {misfire!r}")
     overlap = table.get("overlap", "forbid")
-    if overlap not in ("forbid", "allow"):
-        raise bad("overlap", f"must be forbid or allow; got {overlap!r}")
+    if overlap not in OVERLAPS:
+        raise bad("overlap", f"must be one of {', '.join(OVERLAPS)}; got {overlap!r}")
     manual = table.get("manual", True)
     if not isinstance(manual, bool):
         raise bad("manual", f"must be true or false; got {manual!r}")

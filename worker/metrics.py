@@ -22,6 +22,11 @@ RUN_DURATION = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200),
 )
 MISSED_SLOTS = Counter("worker_missed_slots_total", "Slots recorded as missed", ["job"])
+SKIPPED_SLOTS = Counter(
+    "worker_skipped_slots_total",
+    "Slots not run because a run of the job was going (overlap skip or buffer_one)",
+    ["job"],
+)
 PLANNING_ERRORS = Counter(
     "worker_planning_errors_total", "Ticks at which a job's slots could not be planned", ["job"]
 )

@@ -19,6 +19,9 @@ from .errors import Fenced
 from .executor import Executor
 from .schedule import plan_slots
 
+# Overlap policies that decide, with the ledger, what a slot meeting a running run does.
+COLLIDING = frozenset({"skip", "buffer_one", "cancel_other"})
+
 log = logging.getLogger(__name__)
 
 # How many slots one tick considers per job; older ones of a long outage are dropped
@@ -55,6 +58,7 @@ class Planner:
         next_due = now + timedelta(seconds=POLL_EVERY)
         async with db.fenced(self.pool, self.token) as conn:
             busy = await runs.busy_jobs(conn)
+            running = await runs.running_jobs(conn)
             paused = await pauses.paused_jobs(conn)
         for spec in self.jobs:
             if spec.name in paused:
@@ -62,7 +66,11 @@ class Planner:
                 self._after[spec.name] = now
                 continue
             try:
-                upcoming = await self._plan(spec, now, busy=spec.name in busy)
+                if spec.overlap in COLLIDING:
+                    # Decided from the ledger: a running run of the job, whatever term.
+                    upcoming = await self._plan(spec, now, running=running.get(spec.name, []))
+                else:
+                    upcoming = await self._plan(spec, now, busy=spec.name in busy)
             except (Fenced, *db.DB_ERRORS) as exc:
                 if isinstance(exc, Fenced) or db.is_transient(exc):
                     raise
@@ -76,8 +84,17 @@ class Planner:
             next_due = min(next_due, upcoming)
         return next_due
 
-    async def _plan(self, spec: JobSpec, now: datetime, *, busy: bool) -> datetime:
+    async def _plan(
+        self,
+        spec: JobSpec,
+        now: datetime,
+        *,
+        busy: bool = False,
+        running: list[int] | None = None,
+    ) -> datetime:
         assert spec.schedule is not None
+        if running is not None:
+            busy = bool(running)
         after = await self._decided_until(spec)
         due = spec.schedule.newest_between(after, now, MAX_DUE + 1)
         if len(due) > MAX_DUE:
@@ -109,6 +126,11 @@ class Planner:
             metrics.MISSED_SLOTS.labels(spec.name).inc(n)
             log.warning("%s: %d slot(s) recorded as missed", spec.name, n)
             self._after[spec.name] = max(self._after[spec.name], plan.missed[-1])
+        if busy and running and spec.overlap in COLLIDING:
+            for slot in plan.run:
+                await self._collide(spec, slot, running)
+                self._after[spec.name] = max(self._after[spec.name], slot)
+            return spec.schedule.next_after(max(self._after[spec.name], now))
         for slot in plan.run:
             if self.executor.room <= 0:
                 break
@@ -126,6 +148,45 @@ class Planner:
             if row is not None:
                 await self.executor.spawn(row)
         return spec.schedule.next_after(max(self._after[spec.name], now))
+
+    async def _collide(self, spec: JobSpec, slot: datetime, running: list[int]) -> None:
+        """A slot came due while run(s) `running` of the job go on (overlap skip,
+        buffer_one or cancel_other): skip it, buffer it, or cancel the others for it."""
+        other = running[-1]
+        policy = spec.overlap
+        async with db.fenced(self.pool, self.token) as conn:
+            if policy == "buffer_one":
+                waiting = await runs.buffered_slot(conn, spec.name)
+                if waiting is None:
+                    queued = await runs.queue_slot(
+                        conn, job=spec.name, kind=spec.kind, slot=slot, params=spec.params
+                    )
+                    log.info("%s: slot %s waits for run %s", spec.name, slot.isoformat(), other)
+                    if queued is not None:
+                        return
+                policy = "skip"
+                reason = f"skipped: run {other} was still going and slot run {waiting} waits"
+            elif policy == "cancel_other":
+                await runs.queue_slot(
+                    conn, job=spec.name, kind=spec.kind, slot=slot, params=spec.params
+                )
+            else:
+                reason = f"skipped: run {other} of the job was still going (overlap=skip)"
+            if policy == "skip":
+                n = await runs.record_skipped(
+                    conn, job=spec.name, kind=spec.kind, slots=[slot], reason=reason
+                )
+                metrics.SKIPPED_SLOTS.labels(spec.name).inc(n)
+                log.warning("%s: slot %s %s", spec.name, slot.isoformat(), reason)
+                return
+        for run_id in running:  # cancel_other
+            await runs.request_cancel(self.pool, run_id, by=f"slot {slot.isoformat()}")
+            log.warning(
+                "%s: run %s cancelled for the newer slot %s (overlap=cancel_other)",
+                spec.name,
+                run_id,
+                slot.isoformat(),
+            )
 
     async def _decided_until(self, spec: JobSpec) -> datetime:
         if spec.name not in self._after:

@@ -19,7 +19,7 @@ ACTIVE = ("queued", "running")
 MAX_HANDOFFS = 30
 
 
-FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed", "superseded")
+FINAL = ("succeeded", "failed", "cancelled", "abandoned", "missed", "superseded", "skipped")
 STATUSES = ACTIVE + FINAL
 
 _COLUMNS = (
@@ -148,6 +148,61 @@ async def start_queued(
         list(forbid),
     )
     return dict(row) if row else None
+
+
+async def running_jobs(conn: Connection) -> dict[str, list[int]]:
+    """The running runs of each job, whatever term started them."""
+    rows = await conn.fetch("SELECT job, id FROM runs WHERE status = 'running' ORDER BY id")
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        out.setdefault(r["job"], []).append(int(r["id"]))
+    return out
+
+
+async def record_skipped(
+    conn: Connection, *, job: str, kind: str, slots: Iterable[datetime], reason: str
+) -> int:
+    """Store slots not run because a run of the job was going (overlap = skip, or a
+    second slot under buffer_one); returns how many were new."""
+    result: str = await conn.execute(
+        "INSERT INTO runs (job, kind, slot, trigger, status, error, finished_at)"
+        " SELECT $1, $2, s, 'schedule', 'skipped', $4, now() FROM unnest($3::timestamptz[]) s"
+        " ON CONFLICT (job, slot) DO NOTHING",
+        job,
+        kind,
+        list(slots),
+        reason,
+    )
+    return int(result.split()[-1])
+
+
+async def queue_slot(
+    conn: Connection, *, job: str, kind: str, slot: datetime, params: Mapping[str, Any]
+) -> int | None:
+    """Claim a slot as a queued run, to start when the job's running run ends
+    (buffer_one, cancel_other); None if the slot already has a row."""
+    run_id: int | None = await conn.fetchval(
+        "INSERT INTO runs (job, kind, slot, trigger, status, params)"
+        " VALUES ($1, $2, $3, 'schedule', 'queued', $4)"
+        " ON CONFLICT (job, slot) DO NOTHING RETURNING id",
+        job,
+        kind,
+        slot,
+        dict(params),
+    )
+    if run_id is not None:
+        await conn.execute("SELECT pg_notify($1, 'slot')", NOTIFY_CHANNEL)
+    return run_id
+
+
+async def buffered_slot(conn: Connection, job: str) -> int | None:
+    """The id of the job's slot waiting in the queue, if any (buffer_one keeps one)."""
+    run_id: int | None = await conn.fetchval(
+        "SELECT id FROM runs WHERE job = $1 AND status = 'queued' AND slot IS NOT NULL"
+        " ORDER BY id LIMIT 1",
+        job,
+    )
+    return run_id
 
 
 async def busy_jobs(conn: Connection) -> set[str]:

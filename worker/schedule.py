@@ -18,7 +18,10 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 Misfire = Literal["skip", "latest", "all"]
-Overlap = Literal["forbid", "allow"]
+Overlap = Literal["forbid", "allow", "skip", "buffer_one", "cancel_other"]
+OVERLAPS: tuple[Overlap, ...] = ("forbid", "allow", "skip", "buffer_one", "cancel_other")
+# Policies under which at most one run of the job executes at a time.
+ONE_AT_A_TIME = frozenset({"forbid", "skip", "buffer_one", "cancel_other"})
 
 
 class CronSchedule:
@@ -139,6 +142,10 @@ def plan_slots(
     """
     if not due or (busy and overlap == "forbid"):
         return Plan()
+    if busy and overlap != "allow":
+        # skip, buffer_one, cancel_other: the planner decides with the ledger (see
+        # planner.Planner._collide); here only the misfire policy's part is decided.
+        return _collide(due, now=now, misfire=misfire, grace=grace)
     limit = timedelta(seconds=grace)
     late = [s for s in due if now - s > limit]
     on_time = [s for s in due if now - s <= limit]
@@ -148,9 +155,21 @@ def plan_slots(
         run, missed = due[-1:], due[:-1]
     else:
         run, missed = list(due), []
-    if overlap == "forbid":
+    if overlap in ONE_AT_A_TIME:
         # One at a time: the rest stay due and are planned again once this run ends.
         if misfire == "all":
             return Plan(run=run[:1], missed=missed)
         return Plan(run=run[-1:], missed=missed + run[:-1])
     return Plan(run=run, missed=missed)
+
+
+def _collide(due: list[datetime], *, now: datetime, misfire: Misfire, grace: float) -> Plan:
+    """Due slots meeting a running run of the job (overlap skip, buffer_one or
+    cancel_other): the slot that may run is offered in `run` for the planner to skip,
+    buffer or start (cancelling the other); the rest are `missed` by the misfire policy."""
+    limit = timedelta(seconds=grace)
+    if misfire == "skip":
+        on_time = [s for s in due if now - s <= limit]
+        late = [s for s in due if now - s > limit]
+        return Plan(run=on_time[-1:], missed=late + on_time[:-1])
+    return Plan(run=due[-1:], missed=due[:-1])

@@ -26,6 +26,7 @@ from .lease import Grant
 from .listener import listen_forever
 from .planner import POLL_EVERY, Planner
 from .reaper import reap_forever, reap_now
+from .schedule import ONE_AT_A_TIME
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Leader:
                     await self._wake.wait()
 
     async def _drain_queue(self, executor: Executor) -> None:
-        forbid = [name for name, spec in self.jobs.items() if spec.overlap == "forbid"]
+        forbid = [name for name, spec in self.jobs.items() if spec.overlap in ONE_AT_A_TIME]
         while executor.room > 0:
             async with db.fenced(self.pool, self.token) as conn:
                 row = await runs.start_queued(
