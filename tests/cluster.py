@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,3 +187,60 @@ class Receiver:
 
     def slots(self) -> list[str]:
         return [h.slot for h in self.hits if h.slot]
+
+
+EMAG_SYNC_JOB = """
+[[jobs]]
+name = "emag-main"
+kind = "emag.offers"
+timeout = "5m"
+[jobs.params]
+account = "main"
+platform = "ro"
+base_url = "{base}/emag/ro/api-3"
+username_env = "T_EMAG_USER"
+password_env = "T_EMAG_PASS"
+mark_gone = true
+"""
+
+
+@contextlib.asynccontextmanager
+async def emag_sync_cluster(
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    *,
+    items: int,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[tuple[web.Application, Cluster]]:
+    """A sandbox marketplace (3 requests/s) with `items` offers, and a cluster (no
+    replica started yet) whose jobs file syncs its eMAG account `main` with mark_gone.
+    Both are stopped on leaving."""
+    from worker.sandbox import SandboxConfig, build_app
+
+    app = build_app(SandboxConfig(emag_items=items, rate=3))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(EMAG_SYNC_JOB.format(base=f"http://127.0.0.1:{port}"))
+    cluster = Cluster(
+        database_url,
+        redis_url,
+        key_prefix,
+        jobs,
+        tmp_path,
+        ttl=2.0,
+        extra_env={
+            "T_EMAG_USER": "main@example.com",
+            "T_EMAG_PASS": "main-secret",
+            **(extra_env or {}),
+        },
+    )
+    try:
+        yield app, cluster
+    finally:
+        cluster.stop_all()
+        await runner.cleanup()

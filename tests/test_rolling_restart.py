@@ -17,13 +17,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from redis.asyncio import Redis
 
 from worker import db
-from worker.sandbox import SANDBOX, SandboxConfig, build_app
+from worker.sandbox import SANDBOX
 
-from .cluster import Cluster, free_port, wait_new_holder
+from .cluster import emag_sync_cluster, wait_new_holder
 from .conftest import REDIS_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -31,41 +30,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 ITEMS = 3000  # 30 pages of 100 at 3 requests/s: about 10 s of sync without restarts
 HANDOFFS = 6
 
-JOBS = """
-[[jobs]]
-name = "emag-main"
-kind = "emag.offers"
-timeout = "5m"
-[jobs.params]
-account = "main"
-platform = "ro"
-base_url = "{base}/emag/ro/api-3"
-username_env = "T_EMAG_USER"
-password_env = "T_EMAG_PASS"
-mark_gone = true
-"""
-
 
 async def test_a_sync_survives_a_rolling_restart_without_spending_attempts(
     tmp_path: Path, database_url: str, key_prefix: str, redis: Redis
 ) -> None:
-    app = build_app(SandboxConfig(emag_items=ITEMS, rate=3))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    jobs = tmp_path / "jobs.toml"
-    jobs.write_text(JOBS.format(base=f"http://127.0.0.1:{port}"))
-    cluster = Cluster(
-        database_url,
-        REDIS_URL,
-        key_prefix,
-        jobs,
-        tmp_path,
-        ttl=2.0,
-        extra_env={"T_EMAG_USER": "main@example.com", "T_EMAG_PASS": "main-secret"},
-    )
-    try:
+    async with emag_sync_cluster(tmp_path, database_url, REDIS_URL, key_prefix, items=ITEMS) as (
+        app,
+        cluster,
+    ):
         for i in range(3):
             cluster.start(f"r{i}")
         await asyncio.gather(*(cluster.wait_ready(r) for r in cluster.replicas))
@@ -120,9 +92,6 @@ async def test_a_sync_survives_a_rolling_restart_without_spending_attempts(
         assert last["stats"]["items"] == ITEMS
         expected = {str(o["id"]) for o in app[SANDBOX].catalog.emag_offers("ro", "main")}
         assert products == len(expected)
-    finally:
-        cluster.stop_all()
-        await runner.cleanup()
 
 
 async def _wait_progress(pool: db.Pool) -> None:

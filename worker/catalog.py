@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from . import merge
-from .db import Connection, Pool
+from .db import Connection, Pool, like_literal
 
 MAX_PRICE = Decimal(10) ** 10  # numeric(14, 4)
 # The catalogue as a batch-merge target: `source` and `account` are the same for a
@@ -378,10 +378,7 @@ async def search(
         "      OR ean = $3 OR external_id = $3)"
         " AND ($4 OR gone_at IS NULL)"
     )
-    # Backslash is LIKE's default escape character: escape it first, then % and _.
-    literal = (
-        None if text is None else text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    )
+    literal = like_literal(text)
     args = (source, account, text, include_gone, literal)
     total: int = await pool.fetchval(f"SELECT count(*) FROM products{where}", *args)
     rows = await pool.fetch(

@@ -349,6 +349,14 @@ async def end_term(pool: Pool, *, token: int, reason: str) -> None:
         )
 
 
+def like_literal(text: str | None) -> str | None:
+    """`text` for `ILIKE '%' || $n || '%'` matching itself: `%` and `_` are not wildcards.
+    Backslash is LIKE's default escape character, so it is escaped first."""
+    if text is None:
+        return None
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row with times as ISO 8601 and decimals as strings, ready for JSON."""
     out: dict[str, Any] = {}

@@ -21,7 +21,7 @@ import orjson
 
 from . import merge
 from .catalog import to_decimal
-from .db import Connection, Pool
+from .db import Connection, Pool, like_literal
 from .merge import strip_nul
 
 # The main server's parsing jobs run on their schedule only; the seed forbids calling
@@ -238,10 +238,7 @@ async def search(
         " AND ($4::timestamptz IS NULL OR starts_at < $4)"
         " AND ($5::text IS NULL OR title ILIKE '%' || $5 || '%' OR venue ILIKE '%' || $5 || '%')"
     )
-    # Backslash is LIKE's default escape character: escape it first, then % and _.
-    literal = (
-        None if text is None else text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    )
+    literal = like_literal(text)
     args = (source, city, starts_from, starts_to, literal)
     total: int = await pool.fetchval(f"SELECT count(*) FROM events{where}", *args)
     rows = await pool.fetch(

@@ -7,7 +7,7 @@ the seed's operation types to job kinds and our run rows to the seed's JSON shap
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -35,6 +35,16 @@ class EventSource(Protocol):
         """Each event as a JSON object (see docs/parsing.md), or `Bad` for one it
         could not read."""
         ...
+
+
+MAX_WARNINGS = 20  # warnings a run's stats keep; the log has every one
+
+
+def keep_warning(stats: MutableMapping[str, Any], warning: str) -> None:
+    """Keep `warning` in the run's stats (once, and only the first MAX_WARNINGS)."""
+    warnings = stats.setdefault("warnings", [])
+    if warning not in warnings and len(warnings) < MAX_WARNINGS:
+        warnings.append(warning)
 
 
 # The seed's `type` values, and the job kind that does each.

@@ -16,12 +16,14 @@ _STATE = "job, paused_at, paused_by, pause_note, resumed_at, last_paused_at, fai
 
 async def pause(pool: Pool | Connection, job: str, *, by: str, note: str) -> dict[str, Any]:
     """Pause `job` (a no-op on a paused job, which keeps who paused it and why)."""
-    await pool.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT DO NOTHING", job)
+    # A job never planned yet gets its row here (its `since` is now, as on first sight).
     row = await pool.fetchrow(
-        "UPDATE job_state SET paused_by = CASE WHEN paused_at IS NULL THEN $2 ELSE paused_by END,"
-        " pause_note = CASE WHEN paused_at IS NULL THEN $3 ELSE pause_note END,"
-        " paused_at = coalesce(paused_at, now())"
-        f" WHERE job = $1 RETURNING {_STATE}",
+        "INSERT INTO job_state AS s (job, paused_at, paused_by, pause_note)"
+        " VALUES ($1, now(), $2, $3) ON CONFLICT (job) DO UPDATE SET"
+        " paused_by = CASE WHEN s.paused_at IS NULL THEN $2 ELSE s.paused_by END,"
+        " pause_note = CASE WHEN s.paused_at IS NULL THEN $3 ELSE s.pause_note END,"
+        " paused_at = coalesce(s.paused_at, now())"
+        f" RETURNING {_STATE}",
         job,
         by,
         note,
@@ -67,10 +69,12 @@ async def record_outcome(
     reaches `pause_after`. True when this outcome paused it."""
     if status not in ("failed", "succeeded"):
         return False
-    await conn.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT DO NOTHING", job)
     row = await conn.fetchrow(
-        "UPDATE job_state SET failure_streak = CASE WHEN $2 THEN failure_streak + 1 ELSE 0 END"
-        " WHERE job = $1 RETURNING failure_streak, paused_at",
+        "INSERT INTO job_state AS s (job, failure_streak)"
+        " VALUES ($1, CASE WHEN $2::boolean THEN 1 ELSE 0 END)"
+        " ON CONFLICT (job) DO UPDATE SET failure_streak ="
+        "   CASE WHEN $2::boolean THEN s.failure_streak + 1 ELSE 0 END"
+        " RETURNING failure_streak, paused_at",
         job,
         status == "failed",
     )

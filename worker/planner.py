@@ -57,8 +57,7 @@ class Planner:
         now = self._now()
         next_due = now + timedelta(seconds=POLL_EVERY)
         async with db.fenced(self.pool, self.token) as conn:
-            busy = await runs.busy_jobs(conn)
-            running = await runs.running_jobs(conn)
+            busy, running = await runs.active_runs(conn)
             paused = await pauses.paused_jobs(conn)
         for spec in self.jobs:
             if spec.name in paused:

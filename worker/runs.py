@@ -150,13 +150,17 @@ async def start_queued(
     return dict(row) if row else None
 
 
-async def running_jobs(conn: Connection) -> dict[str, list[int]]:
-    """The running runs of each job, whatever term started them."""
-    rows = await conn.fetch("SELECT job, id FROM runs WHERE status = 'running' ORDER BY id")
-    out: dict[str, list[int]] = {}
+async def active_runs(conn: Connection) -> tuple[set[str], dict[str, list[int]]]:
+    """From the ledger, whatever term started them: the jobs with a queued or running
+    run, and the running runs of each job (oldest first). One query a tick."""
+    rows = await conn.fetch(
+        "SELECT job, id, status FROM runs WHERE status IN ('queued', 'running') ORDER BY id"
+    )
+    running: dict[str, list[int]] = {}
     for r in rows:
-        out.setdefault(r["job"], []).append(int(r["id"]))
-    return out
+        if r["status"] == "running":
+            running.setdefault(r["job"], []).append(int(r["id"]))
+    return {r["job"] for r in rows}, running
 
 
 async def record_skipped(
@@ -203,14 +207,6 @@ async def buffered_slot(conn: Connection, job: str) -> int | None:
         job,
     )
     return run_id
-
-
-async def busy_jobs(conn: Connection) -> set[str]:
-    """Jobs with a queued or running run in the ledger, whatever term it belongs to."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT job FROM runs WHERE status = 'queued' OR status = 'running'"
-    )
-    return {r["job"] for r in rows}
 
 
 async def supersede_if_overtaken(conn: Connection, run_id: int) -> int | None:

@@ -223,31 +223,12 @@ class EbayCatalog:
         params = {"q": term, "limit": str(self.limit), "offset": str(offset)}
         if self.sellers:
             params["filter"] = "sellers:{" + "|".join(self.sellers) + "}"
-        url = f"{self.base_url}/buy/browse/v1/item_summary/search"
-        for attempt in range(2):
-            token = await self.tokens.get(
-                self.upstream,
-                url=self.token_url,
-                client_id=self.client_id,
-                secret=self.client_secret,
-                limit_key=self.limit_key,
-            )
-            response = await self.upstream.request(
-                "GET",
-                url,
-                what=f"query {term!r}, page {offset // self.limit + 1}",
-                limit_key=self.limit_key,
-                params=params,
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "X-EBAY-C-MARKETPLACE-ID": self.marketplace_id,
-                },
-            )
-            if response.status == 401 and attempt == 0:
-                self.tokens.forget(self.token_url, self.client_id)  # expired early: renew once
-                continue
-            return _body(response, term)
-        raise AssertionError("unreachable")
+        response = await self._get(
+            f"{self.base_url}/buy/browse/v1/item_summary/search",
+            what=f"query {term!r}, page {offset // self.limit + 1}",
+            params=params,
+        )
+        return _body(response, term)
 
     async def details(self, external_id: str) -> Details:
         """One item's getItem answer, mapped; raises ItemGone for an item eBay no

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 from urllib.parse import urlencode
 
 from ..errors import JobError, UpstreamError
-from ..parsing import Bad
+from ..parsing import Bad, keep_warning
 from ..robots import ensure_allowed
 from ..upstream import Response, Upstream, error_detail
 
@@ -72,7 +72,6 @@ SITES: dict[str, Site] = {
 # reports: sale status as Fienta's (on_sale, sold_out, not_on_sale), event status.
 _SALE_STATUS = {"available": "on_sale", "cancelled": "not_on_sale", "canceled": "not_on_sale"}
 _EVENT_STATUS = {"cancelled": "cancelled", "canceled": "cancelled", "postponed": "postponed"}
-MAX_WARNINGS = 20  # kept in the run's stats; the log has every one
 
 
 def fold(name: str) -> str:
@@ -325,9 +324,7 @@ class EventimEvents:
     def warn(self, warning: str) -> None:
         """Keep a warning in the run's stats (the first few) and log it."""
         log.warning("%s", warning)
-        warnings = self.stats["warnings"]
-        if warning not in warnings and len(warnings) < MAX_WARNINGS:
-            warnings.append(warning)
+        keep_warning(self.stats, warning)
 
 
 def _refusal(what: str, response: Response) -> str:

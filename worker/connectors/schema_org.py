@@ -35,7 +35,7 @@ from extruct.jsonld import JsonLdExtractor  # type: ignore[import-untyped]
 from lxml.cssselect import CSSSelector
 
 from ..errors import JobError
-from ..parsing import Bad
+from ..parsing import Bad, keep_warning
 from ..robots import Disallowed, Fetcher, ensure_allowed
 from ..upstream import Response, Upstream, error_detail
 from .schema_org_map import Defaults, Found, Listing, identity, map_event, walk
@@ -43,7 +43,6 @@ from .schema_org_map import Defaults, Found, Listing, identity, map_event, walk
 log = logging.getLogger(__name__)
 
 FIELDS = ("title", "venue", "address", "city", "country", "category", "price", "image", "url")
-MAX_WARNINGS = 20
 _JSON_LD = lxml.etree.XPath('//script[@type="application/ld+json"]')
 
 Keep = Callable[[Mapping[str, Any], datetime, Listing], str | None]
@@ -390,9 +389,7 @@ class SchemaOrgEvents:
     def warn(self, warning: str) -> None:
         """Keep a warning in the run's stats (the first few) and log it."""
         log.warning("%s", warning)
-        warnings = self.stats["warnings"]
-        if warning not in warnings and len(warnings) < MAX_WARNINGS:
-            warnings.append(warning)
+        keep_warning(self.stats, warning)
 
 
 def _refusal(what: str, response: Response) -> str:

@@ -19,6 +19,7 @@ from .. import run_items
 from ..config import JobSpec
 from ..context import RunContext
 from ..parsing import Bad, EventSource
+from ..upstream import Timeouts
 
 FAILED_SAMPLE = 20
 
@@ -30,9 +31,18 @@ class ParseJob(ABC):
     resumable = True
 
     def check(self, spec: JobSpec) -> None:
-        meta = spec.params.get("meta", {})
+        p = spec.params
+        meta = p.get("meta", {})
         if not isinstance(meta, Mapping):
             raise ValueError("'meta' must be a table")
+        # What every parser takes: how it introduces itself, robots.txt, timeouts.
+        for key in ("user_agent", "contact"):
+            value = p.get(key, "x")
+            if not isinstance(value, str) or not value.strip() or "\n" in value or "\r" in value:
+                raise ValueError(f"'{key}' must be a one-line string, got {value!r}")
+        if not isinstance(p.get("respect_robots", True), bool):
+            raise ValueError("'respect_robots' must be true or false")
+        Timeouts.from_params(p)
         self.check_source(spec)
 
     @abstractmethod

@@ -60,13 +60,6 @@ class EventimJob(ParseJob):
         rate = p.get("rate_limit", DEFAULT_RATE)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
             raise ValueError(f"'rate_limit' must be calls per second (0 = unlimited), got {rate!r}")
-        for key in ("user_agent", "contact"):
-            value = p.get(key, "x")
-            if not isinstance(value, str) or not value.strip() or "\n" in value or "\r" in value:
-                raise ValueError(f"'{key}' must be a one-line string, got {value!r}")
-        if not isinstance(p.get("respect_robots", True), bool):
-            raise ValueError("'respect_robots' must be true or false")
-        Timeouts.from_params(p)
         plan(p.get("meta") or {}, sites)
 
     def source(self, ctx: RunContext) -> EventSource:

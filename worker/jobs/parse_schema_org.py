@@ -216,13 +216,8 @@ def common(
         compiled = None
     if pattern is not None and (compiled is None or compiled.groups < 1):
         raise ValueError(f"'id_pattern' must be a regular expression with a group, got {pattern!r}")
-    for key in ("user_agent", "contact"):
-        value = p.get(key, "x")
-        if not isinstance(value, str) or not value.strip() or "\n" in value or "\r" in value:
-            raise ValueError(f"'{key}' must be a one-line string, got {value!r}")
-    for key in ("respect_robots", "untyped"):
-        if not isinstance(p.get(key, True), bool):
-            raise ValueError(f"'{key}' must be true or false")
+    if not isinstance(p.get("untyped", True), bool):
+        raise ValueError("'untyped' must be true or false")
     rate = p.get("rate_limit", DEFAULT_RATE)
     if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
         raise ValueError(f"'rate_limit' must be calls per second (0 = unlimited), got {rate!r}")

@@ -27,12 +27,12 @@ from ..connectors.fienta import (
 )
 from ..context import RunContext
 from ..errors import JobError
+from ..parsing import keep_warning
 from ..ratelimit import Rate
 from ..robots import user_agent
 from ..upstream import Timeouts, host_label
 from .parse import Bad, EventSource, ParseJob
 
-MAX_WARNINGS = 20
 _COUNTRY = re.compile(r"[A-Za-z]{2}")
 
 
@@ -221,13 +221,6 @@ class FientaJob(ParseJob):
         _whole(p, "rate_limit", 80, low=0)
         _number(p, "rate_period", 60.0)
         _whole(p, "max_requests", 10, low=1)
-        for key in ("user_agent", "contact"):
-            value = p.get(key, "x")
-            if not isinstance(value, str) or not value.strip() or "\n" in value or "\r" in value:
-                raise ValueError(f"'{key}' must be a one-line string, got {value!r}")
-        if not isinstance(p.get("respect_robots", True), bool):
-            raise ValueError("'respect_robots' must be true or false")
-        Timeouts.from_params(p)
         Meta.from_params(p)
 
     def source(self, ctx: RunContext) -> EventSource:
@@ -266,9 +259,7 @@ class FientaJob(ParseJob):
 
 def _warn(ctx: RunContext, message: str) -> None:
     """A warning the run's stats keep (the first few), and its log."""
-    warnings = ctx.stats.setdefault("warnings", [])
-    if message not in warnings and len(warnings) < MAX_WARNINGS:
-        warnings.append(message)
+    keep_warning(ctx.stats, message)
     ctx.log.warning("%s", message)
 
 

@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from .sites import SiteRequest, log_request, robots_answer
 from .state import json_response
 
 Clock = Callable[[], float]
@@ -131,14 +132,7 @@ class EventimFaults:
     """productId -> how it is served broken (one of BROKEN)."""
 
 
-@dataclass
-class EventimRequest:
-    at: float
-    path: str
-    query: dict[str, str]
-    user_agent: str
-    status: int = 0
-
+class EventimRequest(SiteRequest):
     @property
     def page(self) -> int | None:
         value = self.query.get("page", "")
@@ -334,22 +328,11 @@ async def _products(request: web.Request) -> web.Response:
 
 async def _robots(request: web.Request) -> web.Response:
     site = request.app[EVENTIM]
-    record = _record(site, request)
-    record.status = 404 if site.robots_txt is None else 200
-    if site.robots_txt is None:
-        return web.Response(status=404, text="Not Found")
-    return web.Response(text=site.robots_txt, content_type="text/plain")
+    return robots_answer(_record(site, request), site.robots_txt)
 
 
 def _record(site: EventimSite, request: web.Request) -> EventimRequest:
-    record = EventimRequest(
-        at=site.clock(),
-        path=request.path,
-        query=dict(request.query),
-        user_agent=request.headers.get("User-Agent", ""),
-    )
-    site.requests.append(record)
-    return record
+    return log_request(site.requests, site.clock, request, EventimRequest)
 
 
 def add_routes(app: web.Application, site: EventimSite) -> None:

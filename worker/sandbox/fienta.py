@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from .sites import SiteRequest, log_request, robots_answer
 from .state import json_response
 
 Clock = Callable[[], float]
@@ -87,13 +88,7 @@ class FientaFaults:
     """These events are served broken: no title, `starts_at` not a date."""
 
 
-@dataclass
-class FientaRequest:
-    at: float
-    path: str
-    query: dict[str, str]
-    user_agent: str
-    status: int = 0
+FientaRequest = SiteRequest
 
 
 class FientaSite:
@@ -292,22 +287,11 @@ async def _events(request: web.Request) -> web.Response:
 
 async def _robots(request: web.Request) -> web.Response:
     site = request.app[FIENTA]
-    record = _record(site, request)
-    record.status = 404 if site.robots_txt is None else site.robots_status
-    if site.robots_txt is None:
-        return web.Response(status=404, text="Not Found")
-    return web.Response(status=site.robots_status, text=site.robots_txt, content_type="text/plain")
+    return robots_answer(_record(site, request), site.robots_txt, site.robots_status)
 
 
 def _record(site: FientaSite, request: web.Request) -> FientaRequest:
-    record = FientaRequest(
-        at=site.clock(),
-        path=request.path,
-        query=dict(request.query),
-        user_agent=request.headers.get("User-Agent", ""),
-    )
-    site.requests.append(record)
-    return record
+    return log_request(site.requests, site.clock, request, FientaRequest)
 
 
 def add_routes(app: web.Application, site: FientaSite) -> None:

@@ -40,6 +40,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from aiohttp import web
 
+from .sites import SiteRequest, log_request, robots_answer
+
 Clock = Callable[[], float]
 Markup = Literal["microdata", "json-ld", "both"]
 
@@ -113,14 +115,7 @@ class FakeEvent:
         return self.starts.strftime("%Y-%m-%dT%H:%M")
 
 
-@dataclass
-class KontramarkaRequest:
-    at: float
-    path: str
-    query: dict[str, str]
-    user_agent: str
-    status: int = 0
-
+class KontramarkaRequest(SiteRequest):
     @property
     def page(self) -> int:
         value = self.query.get("page", "1")
@@ -354,22 +349,11 @@ async def _listing(request: web.Request) -> web.Response:
 
 async def _robots(request: web.Request) -> web.Response:
     site = request.app[KONTRAMARKA]
-    record = _record(site, request)
-    record.status = 404 if site.robots_txt is None else 200
-    if site.robots_txt is None:
-        return web.Response(status=404, text="Not Found")
-    return web.Response(text=site.robots_txt, content_type="text/plain")
+    return robots_answer(_record(site, request), site.robots_txt)
 
 
 def _record(site: KontramarkaSite, request: web.Request) -> KontramarkaRequest:
-    record = KontramarkaRequest(
-        at=site.clock(),
-        path=request.path,
-        query=dict(request.query),
-        user_agent=request.headers.get("User-Agent", ""),
-    )
-    site.requests.append(record)
-    return record
+    return log_request(site.requests, site.clock, request, KontramarkaRequest)
 
 
 def add_routes(app: web.Application, site: KontramarkaSite) -> None:

@@ -17,12 +17,12 @@ from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
 from .. import backfill, catalog, events, runs
-from ..config import Settings
+from ..config import JobSpec, Settings
 from ..db import Pool, jsonable
 from ..election import Elector
 from ..lease import Holder, Lease
 from . import status
-from .query import MAX_LIMIT, MAX_OFFSET, ApiError, Query, parse_run_id
+from .query import MAX_LIMIT, MAX_OFFSET, ApiError, Query, parse_run_id, read_body
 
 log = logging.getLogger(__name__)
 
@@ -248,17 +248,25 @@ def _require_key(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
 
 
+def requested_job(request: web.Request, *, by_hand: bool = True) -> JobSpec:
+    """The job named in the path (404 if none); with `by_hand`, one an operator may
+    run: not a schedule-only kind (400), not `manual = false` (409)."""
+    name = request.match_info["name"]
+    spec = request.app[STATE].settings.job(name)
+    if spec is None:
+        raise ApiError(404, "unknown_job", f"no job named {name!r}")
+    if by_hand and spec.kind in events.SCHEDULE_ONLY_KINDS:
+        raise ApiError(400, "schedule_only", f"job {name!r}: {events.NOT_BY_HAND}")
+    if by_hand and not spec.manual:
+        raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
+    return spec
+
+
 async def trigger(request: web.Request) -> web.Response:
     _require_key(request)
     state = request.app[STATE]
-    name = request.match_info["name"]
-    spec = state.settings.job(name)
-    if spec is None:
-        raise ApiError(404, "unknown_job", f"no job named {name!r}")
-    if spec.kind in events.SCHEDULE_ONLY_KINDS:
-        raise ApiError(400, "schedule_only", f"job {name!r}: {events.NOT_BY_HAND}")
-    if not spec.manual:
-        raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
+    spec = requested_job(request)
+    name = spec.name
     run_id = await runs.enqueue(
         state.pool,
         job=name,
@@ -274,23 +282,9 @@ async def backfill_job(request: web.Request) -> web.Response:
     """Queue every slot of the job's schedule in [from, to] (see `worker.backfill`)."""
     _require_key(request)
     state = request.app[STATE]
-    name = request.match_info["name"]
-    spec = state.settings.job(name)
-    if spec is None:
-        raise ApiError(404, "unknown_job", f"no job named {name!r}")
-    if spec.kind in events.SCHEDULE_ONLY_KINDS:
-        raise ApiError(400, "schedule_only", f"job {name!r}: {events.NOT_BY_HAND}")
-    if not spec.manual:
-        raise ApiError(409, "not_manual", f"job {name!r} has manual = false")
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "bad_body", f"body: not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_body", "body: must be a JSON object {from, to, max}")
-    unknown = sorted(set(body) - {"from", "to", "max"})
-    if unknown:
-        raise ApiError(400, "unknown_field", f"body: unknown field {unknown[0]!r}")
+    spec = requested_job(request)
+    name = spec.name
+    body = await read_body(request, ("from", "to", "max"))
     limit = body.get("max", backfill.DEFAULT_MAX)
     if type(limit) is not int:
         raise ApiError(400, "bad_max", f"max: must be a whole number, got {limit!r}"[:120])

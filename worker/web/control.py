@@ -8,19 +8,15 @@ from typing import Any
 from aiohttp import web
 
 from .. import pauses
-from .app import STATE, _require_key, json_response
-from .parsing import _body as read_body
-from .query import ApiError
+from .app import STATE, _require_key, json_response, requested_job
+from .query import ApiError, read_body
 
 log = logging.getLogger(__name__)
 MAX_NOTE = 500
 
 
 def _job(request: web.Request) -> str:
-    name = request.match_info["name"]
-    if request.app[STATE].settings.job(name) is None:
-        raise ApiError(404, "unknown_job", f"no job named {name!r}")
-    return name
+    return requested_job(request, by_hand=False).name
 
 
 def _view(state: dict[str, Any]) -> dict[str, Any]:

@@ -16,14 +16,14 @@ from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .. import operations, run_items, runs
 from ..config import JobSpec, Settings
 from ..parsing import TYPES
 from .app import STATE, _require_key, json_response
-from .query import MAX_ID, MAX_LIMIT, MAX_TEXT, ApiError, Query
+from .query import MAX_ID, MAX_LIMIT, MAX_TEXT, ApiError, Query, read_body
+from .query import shown as _shown
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +60,8 @@ def _bad_meta(field: str, message: str) -> ApiError:
     return ApiError(400, "bad_meta", f"{field}: {message}")
 
 
-def _shown(value: Any) -> str:
-    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:60] + "…"
-
-
 async def _body(request: web.Request, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The JSON object sent, at most MAX_BODY bytes, with only these fields; an empty
-    body is an empty object."""
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"body: at most {MAX_BODY} bytes are accepted")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "bad_body", f"body: not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_body", f"body: must be a JSON object, got {_shown(body)}")
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        raise ApiError(
-            400,
-            "unknown_field",
-            f"body: unknown field {unknown[0]!r}; this endpoint takes {', '.join(fields)}",
-        )
-    return body
+    return await read_body(request, fields, max_bytes=MAX_BODY)
 
 
 def _served(settings: Settings) -> dict[str, JobSpec]:

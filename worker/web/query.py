@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
+from aiohttp import web
 from multidict import MultiMapping
 
 from ..errors import WorkerError
@@ -102,3 +105,38 @@ class Query:
         if raw.lower() in TRUE + FALSE:
             return raw.lower() in TRUE
         raise bad(name, f"must be true or false (or 1 or 0), got {_shown(raw)}")
+
+
+def shown(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+async def read_body(
+    request: web.Request, fields: tuple[str, ...], *, max_bytes: int = 64 * 1024
+) -> dict[str, Any]:
+    """The JSON object sent, at most `max_bytes`, with only these fields; an empty
+    body is an empty object."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "body_too_large", f"body: at most {max_bytes} bytes are accepted")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_body", f"body: not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_body", f"body: must be a JSON object, got {shown(body)}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ApiError(
+            400,
+            "unknown_field",
+            f"body: unknown field {unknown[0]!r}; this endpoint takes {', '.join(fields)}",
+        )
+    return body
