@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install tools run test lint fmt bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's chromium, prometheus (promtool) and wrk, when missing.
+tools:
+	scripts/ensure-tools
 
 # One replica plus the sandbox marketplace and event sites it reads (stopped with the replica).
 run: $(STAMP)
@@ -22,7 +26,7 @@ run: $(STAMP)
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	WORKER_JOBS_FILE=$${WORKER_JOBS_FILE:-examples/jobs.toml} $(BIN)/worker run
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -74,3 +74,47 @@ UPSTREAM_RETRIES = Counter(
     "Upstream attempts retried, by host and reason (HTTP status, timeout or error)",
     ["host", "reason"],
 )
+ITEMS_SYNCED = Counter(
+    "worker_items_synced_total",
+    "Items a finished run wrote (products, offers or events), by job",
+    ["job"],
+)
+STUCK_RUNS_DETECTED = Counter(
+    "worker_stuck_runs_detected_total",
+    "Runs found running with a stale heartbeat beyond the stuck threshold",
+)
+STUCK_RUNS_RECOVERED = Counter(
+    "worker_stuck_runs_recovered_total",
+    "Stuck runs ended as failed (by the leader or by cleanup-stuck)",
+)
+WEBHOOK_DELIVERIES = Counter(
+    "worker_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered, failed, given_up)",
+    ["outcome"],
+)
+WEBHOOK_PENDING = Gauge(
+    "worker_webhook_outbox_pending", "Webhook deliveries waiting in the outbox (leader only)"
+)
+CONFIG_RELOADS = Counter(
+    "worker_config_reloads_total",
+    "Jobs-file reloads by outcome (applied, unchanged, refused)",
+    ["outcome"],
+)
+JOB_FAILURE_STREAK = Gauge(
+    "worker_job_failure_streak", "Failed runs of the job in a row (leader only)", ["job"]
+)
+JOB_PAUSED = Gauge(
+    "worker_job_paused",
+    "1 while the job is paused, by who paused it: operator or failures (leader only)",
+    ["job", "by"],
+)
+JOB_LAST_SUCCESS = Gauge(
+    "worker_job_last_success_timestamp_seconds",
+    "When the job's newest succeeded run finished (leader only)",
+    ["job"],
+)
+JOB_EXPECTED_PERIOD = Gauge(
+    "worker_job_expected_period_seconds",
+    "The longest gap between two slots of the job's schedule (leader only)",
+    ["job"],
+)
