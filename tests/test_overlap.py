@@ -160,3 +160,55 @@ async def test_cancel_other_cancels_the_running_run_for_the_new_slot(
     )
     assert all(str(r["requested_by"]).startswith("slot ") for r in by)
     assert never_overlapping(job.spans)
+
+
+async def test_cancel_other_of_a_dead_leader_waits_for_the_reaper_then_runs_the_slot_once(
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """The worst moment: a leader queued the newer slot and asked its running run to stop,
+    then died before it could honour the cancel. The next leader cannot stop a run it
+    does not hold: the newer slot waits until the reaper has abandoned the old run (its
+    heartbeat went stale), then runs once; no slot starts twice, no two runs overlap."""
+    settings = settings_with_jobs(
+        tmp_path,
+        JOB.format(name="ov-dead", overlap="cancel_other"),
+        database_url=database_url,
+        reap_after=2.0,
+    )
+    async with pool.acquire() as conn:
+        old = await conn.fetchval(
+            "INSERT INTO runs (job, kind, slot, trigger, status, token, worker_id, started_at,"
+            " heartbeat_at, cancel_requested_at, requested_by)"
+            " VALUES ('ov-dead', 'slow', date_trunc('second', now()) - interval '2 s',"
+            " 'schedule', 'running', 1, 'dead-leader', now(), now(), now(), 'slot x')"
+            " RETURNING id"
+        )
+        newer = await conn.fetchval(
+            "INSERT INTO runs (job, kind, slot, trigger, status)"
+            " VALUES ('ov-dead', 'slow', date_trunc('second', now()) - interval '1 s',"
+            " 'schedule', 'queued') RETURNING slot"
+        )
+    await Lease(redis, prefix=key_prefix).raise_epoch(100)
+    job = Slow(0.3)
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"slow": job})
+    async with leading(leader, await grant_for(redis, key_prefix, "b")):
+        await eventually(lambda: newer in job.started, timeout=15)
+        await asyncio.sleep(2.0)
+    ended = await pool.fetchrow("SELECT status, finished_at FROM runs WHERE id = $1", old)
+    assert ended["status"] in ("abandoned", "cancelled"), ended
+    started = await pool.fetch(
+        "SELECT slot, started_at FROM runs WHERE job = 'ov-dead' AND id <> $1"
+        " AND started_at IS NOT NULL",
+        old,
+    )
+    assert started, "nothing ran after the failover"
+    first_start = min(r["started_at"] for r in started)
+    assert first_start >= ended["finished_at"], "a new slot started beside the dead term's run"
+    assert job.started.count(newer) == 1
+    assert len(job.started) == len(set(job.started)), "a slot ran twice"
+    assert never_overlapping(job.spans)

@@ -14,19 +14,20 @@ import errno
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from . import db
-from .config import Settings
+from . import db, reload, replicas
+from .config import JobSpec, Settings
 from .context import JobKind
 from .election import Elector
 from .errors import ConfigError
 from .lease import Grant, Lease
 from .ratelimit import RateLimiter
+from .reload import LiveSettings
 from .scheduler import Leader
 from .upstream import Upstream, open_upstream
 from .web import parsing as parsing_routes
@@ -88,8 +89,15 @@ def stray_error_handler(crashed: asyncio.Event, stop: asyncio.Event) -> _Excepti
     return handle
 
 
-async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
-    """Run one replica until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(
+    settings: Settings,
+    kinds: Mapping[str, JobKind],
+    *,
+    cross_check: Callable[[Sequence[JobSpec]], None] | None = None,
+) -> int:
+    """Run one replica until SIGTERM/SIGINT; returns the process exit code.
+
+    SIGHUP re-reads the jobs file (`worker.reload`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,20 +115,36 @@ async def serve(settings: Settings, kinds: Mapping[str, JobKind]) -> int:
         async with pool.acquire() as conn:
             for name in await db.migrate(conn):
                 log.info("migration %s applied", name)
-        code = await _run_actors(settings, kinds, stop, redis, pool, upstream)
+        live = LiveSettings(
+            settings,
+            checkers={name: kind.check for name, kind in kinds.items()},
+            cross_check=cross_check,
+        )
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, live)
+        try:
+            code = await _run_actors(live, kinds, stop, redis, pool, upstream)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
     return 1 if crashed.is_set() else code
 
 
+def _reload_on_signal(live: LiveSettings) -> None:
+    with contextlib.suppress(ConfigError):  # logged; the running jobs stay
+        live.reload("SIGHUP")
+
+
 async def _run_actors(
-    settings: Settings,
+    live: LiveSettings,
     kinds: Mapping[str, JobKind],
     stop: asyncio.Event,
     redis: Redis,
     pool: db.Pool,
     upstream: Upstream,
 ) -> int:
+    settings = live.current
     lease = Lease(redis, prefix=settings.key_prefix)
-    state = WebState(settings=settings, pool=pool, redis=redis, lease=lease)
+    state = WebState(settings=settings, pool=pool, redis=redis, lease=lease, live=live)
+    live.subscribe(state.adopt)
     app = build_app(state)
     # POST /parsing/create asks the operation's parser whether it can read the meta.
     app[parsing_routes.CHECKERS] = {name: kind.check for name, kind in kinds.items()}
@@ -149,9 +173,21 @@ async def _run_actors(
         )
 
         async def lead(grant: Grant) -> None:
-            await Leader(settings=settings, pool=pool, upstream=upstream, kinds=kinds).run(grant)
+            leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds=kinds, live=live)
+            await leader.run(grant)
 
-        actors: set[asyncio.Task[None]] = set()
+        actors: set[asyncio.Task[None]] = {
+            asyncio.create_task(
+                reload.listen_for_reloads(
+                    redis, settings.key_prefix, settings.worker_id, live, stop
+                ),
+                name="reload-listener",
+            )
+        }
+        if settings.jobs_file is not None and settings.jobs_watch > 0:
+            actors.add(
+                asyncio.create_task(live.watch(stop, settings.jobs_watch), name="jobs-file-watch")
+            )
         if settings.campaigns:
             state.elector = Elector(
                 redis=redis,
@@ -163,6 +199,12 @@ async def _run_actors(
                 work_grace=settings.shutdown_grace / 2,
             )
             actors.add(asyncio.create_task(state.elector.run(stop), name="elector"))
+        address = f"http://{_advertised_host(settings)}:{port}"
+        actors.add(
+            asyncio.create_task(
+                replicas.run(redis, settings, address=address, stop=stop), name="replicas"
+            )
+        )
         return await _supervise(actors, stop, state, settings.shutdown_grace)
     finally:
         await runner.cleanup()

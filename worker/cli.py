@@ -1,5 +1,5 @@
 """`worker run | migrate | leader | jobs | runs | operations | products | trigger | cancel |
-sandbox`."""
+cleanup-stuck | sandbox`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import orjson
 from redis.exceptions import RedisError
 
-from . import backfill, catalog, db, events, jobs, logs, operations, pauses, runs
+from . import backfill, catalog, db, events, jobs, logs, operations, pauses, runs, stuck
 from .app import open_redis, serve
 from .config import Settings
 from .errors import ConfigError, Unreachable
@@ -30,7 +30,7 @@ def _settings() -> Settings:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    return await serve(settings, jobs.kinds())
+    return await serve(settings, jobs.kinds(), cross_check=jobs.cross_check)
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -267,6 +267,24 @@ async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
         return await _follow(pool, args.run_id, ok=("cancelled", "succeeded"))
 
 
+async def cmd_cleanup_stuck(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_pool(settings.database_url, max_size=1) as pool:
+        ended = await stuck.clean_up(pool, minutes=args.minutes, settings=settings, by="cli")
+    if args.json:
+        print(orjson.dumps({"count": len(ended), "ids": [r["id"] for r in ended]}).decode())
+        return 0
+    if not ended:
+        print(
+            f"no stuck runs: none running for over {args.minutes} min with no heartbeat"
+            f" for {stuck.span(stuck.silence(settings))}"
+        )
+        return 0
+    print(f"{len(ended)} stuck run(s) marked failed: {', '.join(str(r['id']) for r in ended)}")
+    for r in ended:
+        print(f"  #{r['id']} {r['job']}: {r['error']}")
+    return 0
+
+
 async def _follow(pool: db.Pool, run_id: int, ok: tuple[str, ...] = ("succeeded",)) -> int:
     """Print progress of a run until it ends; exit 0 if it succeeded."""
     shown = ""
@@ -416,6 +434,17 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("cancel", help="cancel a queued or running run")
     cp.add_argument("run_id", type=_whole(1, MAX_ID), metavar="RUN_ID")
     cp.add_argument("--wait", action="store_true", help="follow the run until it has stopped")
+    sp = sub.add_parser(
+        "cleanup-stuck", help="mark failed the runs stuck in running (silent heartbeat)"
+    )
+    sp.add_argument(
+        "--minutes",
+        type=_whole(stuck.MIN_MINUTES, stuck.MAX_MINUTES),
+        default=stuck.DEFAULT_MINUTES,
+        help=f"only runs running longer than this (default {stuck.DEFAULT_MINUTES},"
+        f" {stuck.MIN_MINUTES} to {stuck.MAX_MINUTES})",
+    )
+    sp.add_argument("--json", action="store_true", help='print {"count", "ids"}')
     sub.add_parser(
         "sandbox", help="run the local sandbox marketplace (eMAG + eBay)", add_help=False
     )
@@ -435,6 +464,7 @@ COMMANDS: dict[str, Command] = {
     "products": cmd_products,
     "events": cmd_events,
     "cancel": cmd_cancel,
+    "cleanup-stuck": cmd_cleanup_stuck,
     "backfill": cmd_backfill,
 }
 

@@ -81,7 +81,16 @@ class JobSpec:
     overlap: Overlap = "forbid"
     manual: bool = True
     pause_after_failures: int | None = None
+    webhooks: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def schedule_key(self) -> str | None:
+        """The schedule as the ledger records it: a change makes planning start afresh."""
+        return f"{self.schedule.expr} {self.timezone}" if self.schedule else None
+
+    def same_as(self, other: JobSpec) -> bool:
+        return self.describe() == other.describe() and self.params == other.params
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -95,6 +104,7 @@ class JobSpec:
             "overlap": self.overlap,
             "manual": self.manual,
             "pause_after_failures": self.pause_after_failures,
+            "webhooks": list(self.webhooks),
         }
 
 
@@ -110,6 +120,7 @@ class Settings:
     key_prefix: str = "worker:"
     lease: LeaseSettings = field(default_factory=LeaseSettings)
     jobs_file: Path | None = None
+    jobs_watch: float = 5.0
     api_key: str | None = field(default=None, repr=False)
     role: Role = "all"
     shutdown_grace: float = 20.0
@@ -119,6 +130,11 @@ class Settings:
     db_timeout: float = 10.0
     reap_after: float = 15.0
     keep_runs: float = 14 * 86400.0
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 10
+    webhook_backoff: float = 5.0
     jobs: tuple[JobSpec, ...] = ()
 
     @property
@@ -131,6 +147,22 @@ class Settings:
 
     def job(self, name: str) -> JobSpec | None:
         return next((j for j in self.jobs if j.name == name), None)
+
+    def webhook_targets(self) -> list[tuple[str, str]]:
+        """(job, url) pairs to deliver to; job '*' = every job (`WORKER_WEBHOOK_URLS`)."""
+        return [("*", url) for url in self.webhook_urls] + [
+            (j.name, url) for j in self.jobs for url in j.webhooks
+        ]
+
+    def check_webhooks(self) -> None:
+        """Webhooks are signed: a URL without `WORKER_WEBHOOK_SECRET` is refused."""
+        if self.webhook_targets() and not self.webhook_secret:
+            first = self.webhook_targets()[0]
+            where = "WORKER_WEBHOOK_URLS" if first[0] == "*" else f"job {first[0]!r}: webhooks"
+            raise ConfigError(
+                f"{where}: webhooks are signed, set WORKER_WEBHOOK_SECRET (a long random"
+                " string the receivers also know)"
+            )
 
     @classmethod
     def from_env(
@@ -160,6 +192,7 @@ class Settings:
             key_prefix=e.get("WORKER_KEY_PREFIX") or cls.key_prefix,
             lease=lease,
             jobs_file=path,
+            jobs_watch=e.seconds("WORKER_JOBS_WATCH", cls.jobs_watch),
             api_key=e.get("WORKER_API_KEY") or None,
             role=cast(Role, e.choice("WORKER_ROLE", "all", ROLES)),
             shutdown_grace=e.seconds("WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
@@ -174,8 +207,16 @@ class Settings:
             db_timeout=e.seconds("WORKER_DB_TIMEOUT", cls.db_timeout),
             reap_after=e.seconds("WORKER_REAP_AFTER", cls.reap_after),
             keep_runs=e.seconds("WORKER_KEEP_RUNS", cls.keep_runs),
+            webhook_urls=e.urls("WORKER_WEBHOOK_URLS"),
+            webhook_secret=e.get("WORKER_WEBHOOK_SECRET"),
+            webhook_timeout=e.seconds("WORKER_WEBHOOK_TIMEOUT", cls.webhook_timeout),
+            webhook_max_attempts=e.integer(
+                "WORKER_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, lo=1, hi=100
+            ),
+            webhook_backoff=e.seconds("WORKER_WEBHOOK_BACKOFF", cls.webhook_backoff),
             jobs=load_jobs(path, kinds=kinds, cross_check=cross_check) if path else (),
         )
+        settings.check_webhooks()
         return settings
 
 
@@ -224,6 +265,18 @@ class _Env:
             raise ConfigError(f"{name}: must be one of {', '.join(options)}; got {raw!r}")
         return value
 
+    def urls(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of http(s) URLs."""
+        raw = self.get(name)
+        if raw is None:
+            return ()
+        found = tuple(u.strip() for u in raw.split(",") if u.strip())
+        for url in found:
+            why = webhook_url_problem(url)
+            if why:
+                raise ConfigError(f"{name}: {why}")
+        return found
+
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         raw = self.get(name)
         if raw is None:
@@ -234,6 +287,15 @@ class _Env:
                 f"got {raw.split('://')[0]!r}://…"
             )
         return raw
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why `url` cannot take webhooks, or None."""
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+        return f"expected an http:// or https:// URL, got {url.split('://')[0]!r}://…"
+    if any(c.isspace() for c in url) or len(url) > 2000:
+        return "a URL has no spaces and at most 2000 characters"
+    return None
 
 
 _JOB_FIELDS = {
@@ -247,6 +309,7 @@ _JOB_FIELDS = {
     "overlap",
     "manual",
     "pause_after_failures",
+    "webhooks",
     "params",
 }
 
@@ -258,10 +321,30 @@ def load_jobs(
     cross_check: Callable[[Sequence[JobSpec]], None] | None = None,
 ) -> tuple[JobSpec, ...]:
     """Read and validate a jobs file; errors name the file, the job and the field."""
+    return parse_jobs(path, read_jobs_file(path), kinds=kinds, cross_check=cross_check)
+
+
+def read_jobs_file(path: Path) -> bytes:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"WORKER_JOBS_FILE: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"WORKER_JOBS_FILE: cannot read {path}: {exc.strerror}") from None
+
+
+def parse_jobs(
+    path: Path,
+    raw: bytes,
+    *,
+    kinds: Mapping[str, Callable[[JobSpec], None]] | None = None,
+    cross_check: Callable[[Sequence[JobSpec]], None] | None = None,
+) -> tuple[JobSpec, ...]:
+    """Validate the jobs file `path` whose content is `raw`."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"WORKER_JOBS_FILE: {path} is not UTF-8 text: {exc.reason}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"WORKER_JOBS_FILE: {path} is not valid TOML: {exc}") from None
     tables = data.get("jobs", [])
@@ -347,6 +430,13 @@ def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
             "pause_after_failures",
             f"must be a whole number >= 1 (or left out); got {pause_after!r}",
         )
+    hooks = table.get("webhooks", [])
+    if not isinstance(hooks, list) or not all(isinstance(u, str) for u in hooks):
+        raise bad("webhooks", 'must be a list of URLs, e.g. ["https://hooks.example/sync"]')
+    for url in hooks:
+        why = webhook_url_problem(url)
+        if why:
+            raise bad("webhooks", why)
     params = table.get("params", {})
     if not isinstance(params, dict):
         raise bad("params", "must be a table ([jobs.params])")
@@ -361,5 +451,6 @@ def _job_from_table(path: Path, index: int, table: Any) -> JobSpec:
         overlap=overlap,
         manual=manual,
         pause_after_failures=pause_after,
+        webhooks=tuple(hooks),
         params=params,
     )

@@ -177,17 +177,32 @@ class Executor:
             self._jobs.pop(run_id, None)
             self._cancelling.discard(run_id)
             metrics.RUNS_ACTIVE.set(len(self.active))
-            metrics.RUNS.labels(name, end.status).inc()
-            metrics.RUN_DURATION.labels(name).observe(asyncio.get_running_loop().time() - started)
-            log.log(
-                logging.INFO if end.status == "succeeded" else logging.WARNING,
-                "run %s%s",
-                end.status,
-                f": {end.error}" if end.error else "",
-            )
+            if end.ended_elsewhere:
+                log.warning(
+                    "run already ended elsewhere (cleaned up as stuck); its %s is not recorded",
+                    end.status,
+                )
+            else:
+                metrics.RUNS.labels(name, end.status).inc()
+                metrics.RUN_DURATION.labels(name).observe(
+                    asyncio.get_running_loop().time() - started
+                )
+                log.log(
+                    logging.INFO if end.status == "succeeded" else logging.WARNING,
+                    "run %s%s",
+                    end.status,
+                    f": {end.error}" if end.error else "",
+                )
             self._wake.set()
 
     async def _count_outcome(self, conn: db.Connection, spec: JobSpec, end: _End) -> None:
+        # Items a succeeded run returned: a catalogue pass's `items` (products or offers
+        # upserted), a parsing operation's `events`; other kinds write none. A resumed
+        # pass returns its whole chain's count and only its last run succeeds: once.
+        result = end.result if isinstance(end.result, dict) else {}
+        items = result.get("items", result.get("events"))
+        if end.status == "succeeded" and type(items) is int and items > 0:
+            metrics.ITEMS_SYNCED.labels(spec.name).inc(items)
         paused = await pauses.record_outcome(
             conn,
             spec.name,
@@ -222,6 +237,7 @@ class Executor:
                         handed_off=end.handed_off,
                     )
                     spec = self.jobs.get(job)
+                    end.ended_elsewhere = not finished
                     if finished and spec is not None:
                         await self._count_outcome(conn, spec, end)
                     if end.resume:
@@ -263,9 +279,10 @@ def _report_job_trouble(_: aiojobs.Scheduler, context: dict[str, Any]) -> None:
 class _End:
     """How a run ended, filled in as it ends."""
 
-    __slots__ = ("error", "handed_off", "result", "resume", "status")
+    __slots__ = ("ended_elsewhere", "error", "handed_off", "result", "resume", "status")
 
     def __init__(self) -> None:
+        self.ended_elsewhere = False  # the row was no longer running: a cleanup ended it
         self.status = "failed"
         self.error: str | None = None
         self.result: Any = None

@@ -85,7 +85,7 @@ STUCK_RUNS_DETECTED = Counter(
 )
 STUCK_RUNS_RECOVERED = Counter(
     "worker_stuck_runs_recovered_total",
-    "Stuck runs ended as failed (by the leader or by cleanup-stuck)",
+    "Stuck runs ended (failed, or abandoned and resumed), by the leader or by cleanup-stuck",
 )
 WEBHOOK_DELIVERIES = Counter(
     "worker_webhook_deliveries_total",

@@ -42,15 +42,30 @@ class Planner:
         executor: Executor,
         now: Callable[[], datetime],
     ) -> None:
-        self.jobs = [j for j in jobs if j.schedule is not None]
+        self.jobs: list[JobSpec] = []
+        self._failing: dict[str, str] = {}
+        self._after: dict[str, datetime] = {}  # job -> newest slot decided
+        self.use(jobs)
         self.pool = pool
         self.token = token
         self.executor = executor
         self._now = now
-        self._after: dict[str, datetime] = {}  # job -> newest slot decided
-        # job -> its planning error; "" = not known to fail, so the first good plan
-        # clears what an earlier term may have recorded.
-        self._failing: dict[str, str] = {j.name: "" for j in self.jobs}
+
+    def use(self, jobs: list[JobSpec]) -> None:
+        """Plan `jobs` from the next tick on (a reload): a new or changed job's start is
+        read again from the ledger, which knows whether its schedule changed."""
+        before = {j.name: j for j in self.jobs}
+        self.jobs = [j for j in jobs if j.schedule is not None]
+        for spec in self.jobs:
+            old = before.get(spec.name)
+            if old is None or not old.same_as(spec):
+                self._after.pop(spec.name, None)
+                # "" = not known to fail, so the first good plan clears what an earlier
+                # term (or the job's earlier form) may have recorded.
+                self._failing[spec.name] = ""
+        for name in before.keys() - {j.name for j in self.jobs}:
+            self._after.pop(name, None)
+            self._failing.pop(name, None)
 
     async def tick(self) -> datetime:
         """Plan every job once; returns when the next slot is due."""
@@ -190,7 +205,7 @@ class Planner:
     async def _decided_until(self, spec: JobSpec) -> datetime:
         if spec.name not in self._after:
             async with db.fenced(self.pool, self.token) as conn:
-                since = await runs.job_since(conn, spec.name)
+                since = await runs.job_since(conn, spec.name, spec.schedule_key)
                 resumed = await pauses.resumed_at(conn, spec.name)
             last = await runs.last_slot(self.pool, spec.name)
             # Planning picks up at the newest of: when the job was first seen, its newest

@@ -35,11 +35,38 @@ def _free(cap: str) -> str:
     return f"(r.handed_off AND r.handoffs < {cap})"
 
 
-async def job_since(conn: Connection, job: str) -> datetime:
-    """When the scheduler first saw `job` (recorded now if never)."""
-    await conn.execute("INSERT INTO job_state (job) VALUES ($1) ON CONFLICT (job) DO NOTHING", job)
-    since: datetime = await conn.fetchval("SELECT since FROM job_state WHERE job = $1", job)
+async def job_since(conn: Connection, job: str, schedule: str | None = None) -> datetime:
+    """Where planning of `job` may start: when the scheduler first saw it (recorded now if
+    never), or later when its schedule changed or it came back after a reload removed it.
+
+    `schedule` is the cron expression and timezone the leader plans with; a row that
+    knows none yet (written before schedules were recorded) adopts it as is.
+    """
+    since: datetime = await conn.fetchval(
+        """
+        INSERT INTO job_state AS s (job, schedule) VALUES ($1, $2)
+        ON CONFLICT (job) DO UPDATE SET
+            schedule_since = CASE
+                WHEN s.removed_at IS NOT NULL
+                  OR (s.schedule IS NOT NULL AND s.schedule IS DISTINCT FROM EXCLUDED.schedule)
+                THEN now() ELSE s.schedule_since END,
+            schedule = EXCLUDED.schedule,
+            removed_at = NULL
+        RETURNING greatest(s.since, s.schedule_since)
+        """,
+        job,
+        schedule,
+    )
     return since
+
+
+async def mark_removed(conn: Connection, jobs: Sequence[str]) -> None:
+    """A reload took `jobs` out of the jobs file: should one come back, it starts from then."""
+    await conn.execute(
+        "UPDATE job_state SET removed_at = now()"
+        " WHERE job = ANY($1::text[]) AND removed_at IS NULL",
+        list(jobs),
+    )
 
 
 async def last_slot(pool: Pool, job: str) -> datetime | None:
@@ -357,6 +384,42 @@ async def reap(
     return [dict(r) for r in rows]
 
 
+async def silent_running(
+    conn: Connection,
+    *,
+    silent_for: float,
+    running_for: float = 0.0,
+    token: int | None = None,
+    only: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Runs `running` for more than `running_for` seconds whose heartbeat is older than
+    `silent_for` seconds, with both ages in seconds, on the database's clock; `token`
+    and `only` narrow them to one term and to those ids.
+
+    They stay locked until the caller's transaction ends, so whatever the caller then
+    records cannot interleave with a heartbeat or with their leader recording their
+    end. A run locked right now (being heartbeated or ended) is skipped, not waited for:
+    someone is looking after it.
+    """
+    rows = await conn.fetch(
+        "SELECT id, job, kind, token, worker_id,"
+        " extract(epoch FROM now() - coalesce(started_at, created_at))::float8 AS running_s,"
+        " extract(epoch FROM now() - coalesce(heartbeat_at, started_at, created_at))::float8"
+        "   AS silent_s"
+        " FROM runs WHERE status = 'running'"
+        " AND coalesce(started_at, created_at) < now() - make_interval(secs => $1)"
+        " AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => $2)"
+        " AND ($3::bigint IS NULL OR token = $3)"
+        " AND ($4::bigint[] IS NULL OR id = ANY($4::bigint[]))"
+        " ORDER BY id FOR UPDATE SKIP LOCKED",
+        running_for,
+        silent_for,
+        token,
+        only,
+    )
+    return [dict(r) for r in rows]
+
+
 async def queue_resumes(
     conn: Connection,
     *,
@@ -567,3 +630,105 @@ def public(run: Mapping[str, Any]) -> dict[str, Any]:
         else None
     )
     return out
+
+
+# --- the status page's reads (worker.web.status) ---------------------------------------
+
+# Failures stay at the top of the status page this long.
+ATTENTION_WINDOW = 86400.0
+
+
+async def page(
+    pool: Pool,
+    *,
+    job: str | None = None,
+    status: str | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Newest first, like `search`, from the run before id `before` on (a stable page
+    while new runs arrive)."""
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM runs"
+        " WHERE ($1::text IS NULL OR job = $1) AND ($2::text IS NULL OR status = $2)"
+        " AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+        job,
+        status,
+        before,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def needing_attention(
+    pool: Pool,
+    *,
+    failures: int = 10,
+    within: float = ATTENTION_WINDOW,
+    running: int = 100,
+    queued: int = 20,
+) -> list[dict[str, Any]]:
+    """Running runs, then the queued runs next to start, oldest first (a backfill may
+    queue a thousand: only the first `queued`), then the newest `failures` failed or
+    abandoned runs that ended in the last `within` seconds."""
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM ("
+        f"  (SELECT 1 AS part, {_COLUMNS} FROM runs WHERE status = 'running'"
+        "    ORDER BY id LIMIT $3)"
+        f"  UNION ALL (SELECT 2, {_COLUMNS} FROM runs WHERE status = 'queued'"
+        "    ORDER BY id LIMIT $4)"
+        f"  UNION ALL (SELECT 3, {_COLUMNS} FROM runs WHERE status IN ('failed', 'abandoned')"
+        "    AND finished_at > now() - make_interval(secs => $2) ORDER BY id DESC LIMIT $1)"
+        ") a ORDER BY part, CASE WHEN part = 3 THEN -id ELSE id END",
+        failures,
+        within,
+        running,
+        queued,
+    )
+    return [dict(r) for r in rows]
+
+
+async def recent_history(
+    pool: Pool, jobs: Sequence[str], *, runs: int = 20, window: int = 1500
+) -> dict[str, dict[str, Any]]:
+    """For each job: its last `runs` runs that started, newest first ({id, status,
+    took (seconds, None while running), items}), and how many slots of the last day
+    were missed and skipped (counted in its newest `window` rows), with the newest."""
+    rows = await pool.fetch(
+        "SELECT j.job, g.missed, g.skipped, g.last_gap, h.runs"
+        " FROM unnest($1::text[]) AS j(job)"
+        " CROSS JOIN LATERAL ("
+        "   SELECT count(*) FILTER (WHERE w.status = 'missed') AS missed,"
+        "   count(*) FILTER (WHERE w.status = 'skipped') AS skipped, max(w.slot) AS last_gap"
+        "   FROM (SELECT status, slot, created_at FROM runs WHERE runs.job = j.job"
+        "     ORDER BY id DESC LIMIT $3) w"
+        "   WHERE w.status IN ('missed', 'skipped') AND w.created_at > now() - interval '1 day'"
+        " ) g CROSS JOIN LATERAL ("
+        "   SELECT coalesce(jsonb_agg(jsonb_build_object('id', r.id, 'status', r.status,"
+        "     'took', extract(epoch FROM r.finished_at - r.started_at)::float8,"
+        "     'items', r.stats -> 'items') ORDER BY r.id DESC), '[]') AS runs"
+        "   FROM (SELECT id, status, started_at, finished_at, stats FROM runs"
+        "     WHERE runs.job = j.job AND started_at IS NOT NULL ORDER BY id DESC LIMIT $2) r"
+        " ) h",
+        list(jobs),
+        runs,
+        window,
+    )
+    return {r["job"]: {k: r[k] for k in ("runs", "missed", "skipped", "last_gap")} for r in rows}
+
+
+async def resume_chain(pool: Pool, run_id: int) -> list[dict[str, Any]]:
+    """The runs of `run_id`'s resume chain, first to last: what it resumed, and what
+    resumed it."""
+    rows = await pool.fetch(
+        "WITH RECURSIVE up(id, resumed_from) AS ("
+        "  SELECT id, resumed_from FROM runs WHERE id = $1"
+        "  UNION SELECT r.id, r.resumed_from FROM runs r JOIN up ON r.id = up.resumed_from),"
+        " down(id) AS ("
+        "  SELECT id FROM runs WHERE id = $1"
+        "  UNION SELECT r.id FROM runs r JOIN down ON r.resumed_from = down.id)"
+        " SELECT id, status, trigger, attempt, created_at, started_at, finished_at, error"
+        " FROM runs WHERE id IN (SELECT id FROM up UNION SELECT id FROM down) ORDER BY id",
+        run_id,
+    )
+    return [dict(r) for r in rows]

@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from . import db, logs, metrics, runs
+from . import db, jobgauges, logs, metrics, runs, webhooks
 from .config import Settings
 from .context import JobKind
 from .db import Pool
@@ -26,10 +26,14 @@ from .lease import Grant
 from .listener import listen_forever
 from .planner import POLL_EVERY, Planner
 from .reaper import reap_forever, reap_now
+from .reload import LiveSettings
 from .schedule import ONE_AT_A_TIME
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+# How often the leader refreshes the per-job gauges (failure streak, paused, last success).
+JOB_GAUGES_EVERY = 5.0
 
 
 class Leader:
@@ -43,17 +47,20 @@ class Leader:
         upstream: Upstream,
         kinds: Mapping[str, JobKind],
         now: Callable[[], datetime] | None = None,
+        live: LiveSettings | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = live.current if live is not None else settings
+        self.live = live
         self.pool = pool
         self.upstream = upstream
         self.kinds = kinds
-        self.jobs = {j.name: j for j in settings.jobs}
+        self.jobs = {j.name: j for j in self.settings.jobs}
         self._now = now or (lambda: datetime.now(UTC))
         self._wake = asyncio.Event()
         self._fenced = asyncio.Event()
         self.token = 0
         self.executor: Executor | None = None
+        self._targets: list[tuple[str, str]] | None = None  # webhook targets written
 
     async def run(self, grant: Grant) -> None:
         self.token = grant.token
@@ -100,6 +107,17 @@ class Leader:
                 name="reaper",
             ),
             asyncio.create_task(
+                webhooks.Deliverer(
+                    pool=self.pool,
+                    token=self.token,
+                    secret=self.settings.webhook_secret,
+                    timeout=self.settings.webhook_timeout,
+                    max_attempts=self.settings.webhook_max_attempts,
+                    backoff=self.settings.webhook_backoff,
+                ).run(),
+                name="webhooks",
+            ),
+            asyncio.create_task(
                 listen_forever(
                     self.settings.database_url, self._wake, timeout=self.settings.db_timeout
                 ),
@@ -117,6 +135,7 @@ class Leader:
             reason = f"leadership ended: {exc}"
             raise
         finally:
+            jobgauges.clear()  # a follower exports no stale job state
             for task in helpers:
                 task.cancel()
             await executor.close(reason)
@@ -140,16 +159,22 @@ class Leader:
 
     async def _loop(self, executor: Executor, planner: Planner) -> None:
         failures = 0
+        gauges_at = self._now()
         while True:
             if self._fenced.is_set():
                 raise StepDown("a newer leader raised the fence")
             # Cleared before the tick, so a wake-up that arrives during it is not lost.
             self._wake.clear()
             try:
+                await self._adopt_reload(executor, planner)
+                await self._write_webhook_targets()
                 await executor.honour_cancels()
                 # Queued runs first: a resume of an interrupted pass goes before a new slot.
                 await self._drain_queue(executor)
                 next_due = await planner.tick()
+                if self._now() >= gauges_at:
+                    gauges_at = self._now() + timedelta(seconds=JOB_GAUGES_EVERY)
+                    await jobgauges.refresh(self.pool, list(self.jobs.values()), self._now())
                 pause = max(0.0, (next_due - self._now()).total_seconds())
                 failures = 0
             except Fenced as exc:
@@ -169,6 +194,29 @@ class Leader:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     await self._wake.wait()
+
+    async def _adopt_reload(self, executor: Executor, planner: Planner) -> None:
+        """Take up a reloaded jobs file at the top of a tick: added jobs are planned from
+        now, removed ones no longer (their history stays), changed ones as they now read."""
+        if self.live is None or self.live.current is self.settings:
+            return
+        new = self.live.current
+        removed = [name for name in self.jobs if new.job(name) is None]
+        if removed:
+            async with db.fenced(self.pool, self.token) as conn:
+                await runs.mark_removed(conn, removed)
+        self.settings = executor.settings = new
+        self.jobs = executor.jobs = {j.name: j for j in new.jobs}
+        planner.use(list(new.jobs))
+        log.info("leader took up the reloaded jobs file (%d jobs)", len(new.jobs))
+
+    async def _write_webhook_targets(self) -> None:
+        """The outbox trigger reads the targets from Postgres: the leader's file rules."""
+        targets = self.settings.webhook_targets()
+        if targets != self._targets:
+            async with db.fenced(self.pool, self.token) as conn:
+                await webhooks.sync_targets(conn, targets)
+            self._targets = targets
 
     async def _drain_queue(self, executor: Executor) -> None:
         forbid = [name for name, spec in self.jobs.items() if spec.overlap in ONE_AT_A_TIME]

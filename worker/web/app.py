@@ -16,12 +16,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_async.aio.web import server_stats
 from redis.asyncio import Redis
 
-from .. import backfill, catalog, events, runs
+from .. import backfill, catalog, events, runs, stuck, webhooks
 from ..config import JobSpec, Settings
 from ..db import Pool, jsonable
 from ..election import Elector
 from ..lease import Holder, Lease
-from . import status
+from ..reload import LiveSettings
 from .query import MAX_LIMIT, MAX_OFFSET, ApiError, Query, parse_run_id, read_body
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ class WebState:
     lease: Lease
     elector: Elector | None = None
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    live: LiveSettings | None = None
+
+    def adopt(self, settings: Settings) -> None:
+        """A reloaded jobs file: the next request sees the new jobs."""
+        self.settings = settings
 
 
 STATE = web.AppKey("state", WebState)
@@ -185,7 +190,21 @@ async def get_run(request: web.Request) -> web.Response:
     run = await runs.get(request.app[STATE].pool, run_id)
     if run is None:
         raise ApiError(404, "unknown_run", f"no run {run_id}")
-    return json_response(runs.public(run))
+    deliveries = await webhooks.for_run(request.app[STATE].pool, run_id)
+    return json_response({**runs.public(run), "webhooks": deliveries})
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    """`GET /webhooks?state=&job=&limit=`: recent deliveries, newest first."""
+    q = Query(request.query, ("state", "job", "limit"))
+    state = q.choice("state", ("pending", "delivered", "failed"))
+    rows = await webhooks.recent(
+        request.app[STATE].pool,
+        state=state,
+        job=q.text("job"),
+        limit=q.integer("limit", default=50, lo=1, hi=MAX_LIMIT),
+    )
+    return json_response({"webhooks": rows})
 
 
 async def cancel_run(request: web.Request) -> web.Response:
@@ -200,6 +219,24 @@ async def cancel_run(request: web.Request) -> web.Response:
     if before == "running":
         return json_response({"run_id": run_id, "status": "cancelling"}, status=202)
     raise ApiError(409, "finished", f"run {run_id} already ended: {before}")
+
+
+async def cleanup_stuck(request: web.Request) -> web.Response:
+    """`?timeout_minutes=N` (5 to 60, default 15): the runs `running` longer than that
+    whose heartbeat is silent are marked failed (`worker.stuck`); {"count", "ids"}."""
+    _require_key(request)
+    q = Query(request.query, ("timeout_minutes",))
+    minutes = q.integer(
+        "timeout_minutes", default=stuck.DEFAULT_MINUTES, lo=stuck.MIN_MINUTES, hi=stuck.MAX_MINUTES
+    )
+    await read_body(request, ())
+    state = request.app[STATE]
+    ended = await stuck.clean_up(
+        state.pool, minutes=minutes, settings=state.settings, by=f"api:{state.settings.worker_id}"
+    )
+    for run in ended:
+        log.warning("run %s of %s cleaned up: %s", run["id"], run["job"], run["error"])
+    return json_response({"count": len(ended), "ids": [run["id"] for run in ended]})
 
 
 async def list_products(request: web.Request) -> web.Response:
@@ -310,24 +347,6 @@ async def backfill_job(request: web.Request) -> web.Response:
     return json_response(done.public(), status=202)
 
 
-async def status_page(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    now = datetime.now(UTC)
-    current = await state.lease.current()
-    jobs = await runs.job_overview(state.pool, state.settings.jobs, now)
-    return web.Response(
-        content_type="text/html",
-        text=status.render(
-            self_id=state.settings.worker_id,
-            role=state.settings.role,
-            leader=current.as_dict() if current else None,
-            jobs=jobs,
-            recent=await runs.search(state.pool, limit=25),
-            now=now,
-        ),
-    )
-
-
 def build_app(state: WebState) -> web.Application:
     """The application: probes and metrics always, the API unless role=scheduler."""
     app = web.Application(
@@ -346,13 +365,16 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_get("/runs", list_runs)
         app.router.add_get("/runs/{id}", get_run)
         app.router.add_post("/runs/{id}/cancel", cancel_run)
+        app.router.add_get("/webhooks", list_webhooks)
+        app.router.add_post("/runs/cleanup-stuck", cleanup_stuck)
         app.router.add_get("/products", list_products)
         app.router.add_get("/events", list_events)
         # Imported here: they import this module's STATE and helpers.
         from .control import add_routes as add_control_routes
         from .parsing import add_routes
+        from .status import add_routes as add_status_routes
 
         add_routes(app)
         add_control_routes(app)
-        app.router.add_get("/", status_page)
+        add_status_routes(app)
     return app

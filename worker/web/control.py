@@ -1,4 +1,5 @@
-"""Schedule control over HTTP (issue 10): pause and resume a job's schedule."""
+"""Schedule control over HTTP (issue 10): pause and resume a job's schedule, reload the
+jobs file."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from .. import pauses
+from .. import pauses, reload
+from ..errors import ConfigError
 from .app import STATE, _require_key, json_response, requested_job
 from .query import ApiError, read_body
 
@@ -57,6 +60,29 @@ async def resume(request: web.Request) -> web.Response:
     return json_response(_view(row))
 
 
+async def reload_jobs(request: web.Request) -> web.Response:
+    """`POST /admin/reload`: re-read the jobs file here, and ask every replica to do the
+    same (they mount the same file). An invalid file is refused, the running jobs stay."""
+    _require_key(request)
+    await read_body(request, ())
+    state = request.app[STATE]
+    if state.live is None:
+        raise ApiError(409, "no_reload", "this replica was started without a reloadable config")
+    me = state.settings.worker_id
+    try:
+        change = state.live.reload(f"POST /admin/reload to {me}")
+    except ConfigError as exc:
+        raise ApiError(422, "invalid_jobs_file", str(exc)) from None
+    try:
+        told: int | None = await reload.ask_everyone(state.redis, state.settings.key_prefix, me)
+    except (RedisError, OSError) as exc:
+        # The others still see the change through their file watch.
+        log.warning("could not ask the other replicas to reload: %s", exc)
+        told = None
+    return json_response({**change.public(), "replica": me, "replicas_listening": told})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/reload", reload_jobs)
     app.router.add_post("/jobs/{name}/pause", pause)
     app.router.add_post("/jobs/{name}/resume", resume)
