@@ -55,7 +55,9 @@ class Cluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     replicas: list[Replica] = field(default_factory=list)
 
-    def start(self, worker_id: str) -> Replica:
+    def start(self, worker_id: str, overrides: dict[str, str] | None = None) -> Replica:
+        """Start `worker run` as `worker_id`; `overrides` take precedence over the
+        cluster's environment for this replica (e.g. its own DATABASE_URL, a proxy)."""
         port = free_port()
         env = {
             **os.environ,
@@ -71,6 +73,7 @@ class Cluster:
             "WORKER_LOG_FORMAT": "json",
             "WORKER_SHUTDOWN_GRACE": "5",
             **self.extra_env,
+            **(overrides or {}),
         }
         log_path = self.workdir / f"{worker_id}.log"
         out = log_path.open("wb")
@@ -100,6 +103,22 @@ class Cluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{replica.worker_id} not ready:\n{replica.log()[-3000:]}")
                 await asyncio.sleep(0.05)
+
+    async def stop_gracefully(self, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every live replica (SIGCONT first) and wait for them without blocking
+        the event loop (it may carry servers the replicas still talk to while they stop).
+        Returns each replica's exit code; None for one still running after `timeout`
+        (`stop_all` kills it)."""
+        for r in self.replicas:
+            if r.proc.poll() is None:
+                os.kill(r.proc.pid, signal.SIGCONT)
+                r.proc.terminate()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(r.proc.poll() is not None for r in self.replicas):
+                break
+            await asyncio.sleep(0.05)
+        return {r.worker_id: r.proc.poll() for r in self.replicas}
 
     def stop_all(self) -> None:
         for r in self.replicas:

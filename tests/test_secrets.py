@@ -136,8 +136,10 @@ def unchecked_job(url: str) -> JobSpec:
     return JobSpec(name="poke", kind="http", schedule=None, params={"url": url})
 
 
-async def run_job(pool: db.Pool, upstream: Upstream, spec: JobSpec) -> Any:
-    await db.raise_fence(pool, token=1, holder="test")
+async def run_job(pool: db.Pool, upstream: Upstream, spec: JobSpec, *, fence: bool = True) -> Any:
+    """Run `spec` once as leader 1; `fence=False` for the second run of a test."""
+    if fence:
+        await db.raise_fence(pool, token=1, holder="test")
     run_id = await runs.enqueue(pool, job=spec.name, kind=spec.kind, params=spec.params)
     ctx = RunContext(
         run_id=run_id,
@@ -191,6 +193,60 @@ async def test_a_missing_variable_fails_the_run_naming_it(
         await run_job(pool, upstream, spec)
     assert "Authorization" in str(caught.value)
     assert rec.headers == []  # nothing was sent without the credential
+
+
+async def test_headers_env_reads_the_file_when_the_variable_is_unset(
+    tmp_path: Path,
+    pool: db.Pool,
+    upstream: Upstream,
+    receiver: tuple[Receiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec, base = receiver
+    spec = http_job(
+        tmp_path, f'url = "{base}/poke"\nheaders_env = {{Authorization = "RECEIVER_AUTH"}}'
+    )
+    secret_file = tmp_path / "receiver-auth"
+    secret_file.write_text("Bearer hdr-s3cr3t\n", encoding="utf-8")  # a mounted Secret
+    monkeypatch.delenv("RECEIVER_AUTH", raising=False)
+    monkeypatch.setenv("RECEIVER_AUTH_FILE", str(secret_file))
+    assert await run_job(pool, upstream, spec) == {"status": 200, "bytes": 2}
+    # Read when the run starts: a rotated file is picked up by the next run.
+    secret_file.write_text("Bearer rotated\n", encoding="utf-8")
+    await run_job(pool, upstream, spec, fence=False)
+    assert [sent["Authorization"] for sent in rec.headers] == [
+        "Bearer hdr-s3cr3t",
+        "Bearer rotated",
+    ]
+
+    # The variable and its file both set: the run fails naming both, sending nothing.
+    monkeypatch.setenv("RECEIVER_AUTH", "Bearer hdr-s3cr3t")
+    with pytest.raises(JobError, match="RECEIVER_AUTH and RECEIVER_AUTH_FILE") as caught:
+        await run_job(pool, upstream, spec, fence=False)
+    assert "'poke'" in str(caught.value)
+    assert_no_secret(str(caught.value))
+    assert len(rec.headers) == 2
+
+
+async def test_an_unreadable_credential_file_fails_the_run_naming_it(
+    tmp_path: Path,
+    pool: db.Pool,
+    upstream: Upstream,
+    receiver: tuple[Receiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec, base = receiver
+    spec = http_job(
+        tmp_path, f'url = "{base}/poke"\nheaders_env = {{Authorization = "RECEIVER_AUTH"}}'
+    )
+    monkeypatch.delenv("RECEIVER_AUTH", raising=False)
+    monkeypatch.setenv("RECEIVER_AUTH_FILE", str(tmp_path))  # a directory
+    with pytest.raises(JobError) as caught:
+        await run_job(pool, upstream, spec)
+    message = str(caught.value)
+    assert message.startswith(f"RECEIVER_AUTH_FILE: cannot read {tmp_path}")
+    assert "Authorization" in message
+    assert rec.headers == []
 
 
 @pytest.mark.parametrize(

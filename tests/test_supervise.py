@@ -124,3 +124,41 @@ async def test_a_library_future_holding_a_lost_connection_is_not_a_crash() -> No
         assert not crashed.is_set()
     finally:
         loop.set_exception_handler(previous)
+
+
+async def test_a_driver_task_holding_a_lost_connection_is_not_a_crash_but_ours_is() -> None:
+    """Seen in the chaos suite's partition from Postgres: asyncpg's own task releasing a
+    connection cut off ended with TimeoutError that nobody awaited, and the replica took
+    it for a crash. A task of our code losing an exception is still one."""
+    import gc
+
+    import asyncpg
+
+    from worker.app import stray_error_handler
+
+    loop = asyncio.get_running_loop()
+    crashed, stop = asyncio.Event(), asyncio.Event()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(stray_error_handler(crashed, stop))
+    try:
+        driver = asyncio.ensure_future(asyncpg.connect("postgresql://127.0.0.1:1/x", timeout=2))
+        await asyncio.wait([driver])
+        assert isinstance(driver.exception(), OSError)  # looked at: clear it, then lose one
+        driver = asyncio.ensure_future(asyncpg.connect("postgresql://127.0.0.1:1/x", timeout=2))
+        await asyncio.wait([driver])
+        del driver
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not crashed.is_set()
+
+        async def ours() -> None:
+            raise TimeoutError("a bug of ours that nobody awaited")
+
+        task = asyncio.ensure_future(ours())
+        await asyncio.wait([task])
+        del task
+        gc.collect()
+        await asyncio.sleep(0)
+        assert crashed.is_set()
+    finally:
+        loop.set_exception_handler(previous)

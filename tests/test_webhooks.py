@@ -230,6 +230,13 @@ async def test_the_leader_delivers_signed_events_that_the_receiver_verifies(
     leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"rec": rec})
     async with leading(leader, await grant_for(redis, key_prefix, "a")):
         await eventually(lambda: len(receiver.hits) >= 2, timeout=15)
+        # ... and their answers recorded, before the term ends.
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT count(*) >= 2 FROM webhook_outbox WHERE state = 'delivered'"
+            ),
+            timeout=15,
+        )
     for hit in receiver.hits:
         webhooks.verify(SECRET, hit.headers, hit.body)
         event = hit.event

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 from redis.asyncio import Redis
 
-from . import db, reload, replicas
+from . import db, looplag, reload, replicas
 from .config import JobSpec, Settings
 from .context import JobKind
 from .election import Elector
@@ -70,11 +71,12 @@ def stray_error_handler(crashed: asyncio.Event, stop: asyncio.Event) -> _Excepti
             log.warning("event loop report: %s", context.get("message"))
             return
         future = context.get("future")
-        if future is not None and not isinstance(future, asyncio.Task) and db.is_transient(error):
-            # A bare future of a library (asyncpg's, when a leader woken from a freeze
-            # finds its connection ended) that held a lost-connection error nobody
-            # awaited: the connection's own users got the error too. Our code runs in
-            # tasks, so a task's lost exception below is still taken for a crash.
+        if future is not None and _of_the_driver(future) and db.is_transient(error):
+            # A bare future, or a task, of the database driver (asyncpg's, when a leader
+            # woken from a freeze finds its connection ended, or the release of a
+            # connection cut off by a partition) that held a lost-connection error nobody
+            # awaited: the connection's own users got the error too. Our own tasks' lost
+            # exceptions below are still taken for a crash.
             log.warning("%s: %s: %s", context.get("message"), type(error).__name__, error)
             return
         log.critical(
@@ -87,6 +89,14 @@ def stray_error_handler(crashed: asyncio.Event, stop: asyncio.Event) -> _Excepti
         stop.set()
 
     return handle
+
+
+def _of_the_driver(future: object) -> bool:
+    """A future not of ours: a bare one, or a task running asyncpg's own code."""
+    if not isinstance(future, asyncio.Task):
+        return True
+    code = getattr(future.get_coro(), "cr_code", None)
+    return code is not None and f"{os.sep}asyncpg{os.sep}" in code.co_filename
 
 
 async def serve(
@@ -205,6 +215,8 @@ async def _run_actors(
                 replicas.run(redis, settings, address=address, stop=stop), name="replicas"
             )
         )
+        looplag.tune_gc()
+        actors.add(asyncio.create_task(looplag.monitor(stop), name="loop-lag"))
         return await _supervise(actors, stop, state, settings.shutdown_grace)
     finally:
         await runner.cleanup()

@@ -7,6 +7,7 @@ replica with bad configuration stops at start with one readable line.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,18 @@ ROLES: tuple[Role, ...] = ("all", "http", "scheduler")
 
 # The least share of the lease TTL kept between the renew deadline and expiry.
 STOP_ROOM = 0.15
+
+# Variables that hold a secret; each may instead name a file, as `<NAME>_FILE` (the
+# Docker and Kubernetes secrets convention): a mounted file stays out of the process
+# environment, which `kubectl describe`, `docker inspect` and child processes show.
+SECRETS = (
+    "WORKER_API_KEY",
+    "WORKER_READ_KEY",
+    "WORKER_WEBHOOK_SECRET",
+    "DATABASE_URL",
+    "REDIS_URL",
+)
+MAX_SECRET_FILE = 64 * 1024  # a longer file is the wrong file (or /dev/zero)
 
 
 @dataclass(frozen=True)
@@ -112,8 +125,9 @@ class JobSpec:
 class Settings:
     """Everything a replica needs, built once by `Settings.from_env()`."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/worker"
+    # The URLs carry passwords: like the keys, they stay out of repr() and so of logs.
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    database_url: str = field(default="postgresql://postgres@127.0.0.1:5432/worker", repr=False)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -122,6 +136,7 @@ class Settings:
     jobs_file: Path | None = None
     jobs_watch: float = 5.0
     api_key: str | None = field(default=None, repr=False)
+    read_key: str | None = field(default=None, repr=False)
     role: Role = "all"
     shutdown_grace: float = 20.0
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -160,8 +175,16 @@ class Settings:
             first = self.webhook_targets()[0]
             where = "WORKER_WEBHOOK_URLS" if first[0] == "*" else f"job {first[0]!r}: webhooks"
             raise ConfigError(
-                f"{where}: webhooks are signed, set WORKER_WEBHOOK_SECRET (a long random"
-                " string the receivers also know)"
+                f"{where}: webhooks are signed, set WORKER_WEBHOOK_SECRET or"
+                " WORKER_WEBHOOK_SECRET_FILE (a long random string the receivers also know)"
+            )
+
+    def check_keys(self) -> None:
+        """A read key is a key of its own: readers must not hold the write key."""
+        if self.read_key is not None and self.read_key == self.api_key:
+            raise ConfigError(
+                "WORKER_READ_KEY: it is the same as WORKER_API_KEY, so every reader could also"
+                " write; give readers a key of their own, or leave WORKER_READ_KEY unset"
             )
 
     @classmethod
@@ -193,7 +216,8 @@ class Settings:
             lease=lease,
             jobs_file=path,
             jobs_watch=e.seconds("WORKER_JOBS_WATCH", cls.jobs_watch),
-            api_key=e.get("WORKER_API_KEY") or None,
+            api_key=e.secret("WORKER_API_KEY"),
+            read_key=e.secret("WORKER_READ_KEY"),
             role=cast(Role, e.choice("WORKER_ROLE", "all", ROLES)),
             shutdown_grace=e.seconds("WORKER_SHUTDOWN_GRACE", cls.shutdown_grace),
             log_format=cast(
@@ -208,7 +232,7 @@ class Settings:
             reap_after=e.seconds("WORKER_REAP_AFTER", cls.reap_after),
             keep_runs=e.seconds("WORKER_KEEP_RUNS", cls.keep_runs),
             webhook_urls=e.urls("WORKER_WEBHOOK_URLS"),
-            webhook_secret=e.get("WORKER_WEBHOOK_SECRET"),
+            webhook_secret=e.secret("WORKER_WEBHOOK_SECRET"),
             webhook_timeout=e.seconds("WORKER_WEBHOOK_TIMEOUT", cls.webhook_timeout),
             webhook_max_attempts=e.integer(
                 "WORKER_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts, lo=1, hi=100
@@ -217,6 +241,7 @@ class Settings:
             jobs=load_jobs(path, kinds=kinds, cross_check=cross_check) if path else (),
         )
         settings.check_webhooks()
+        settings.check_keys()
         return settings
 
 
@@ -227,6 +252,9 @@ class _Env:
     def get(self, name: str) -> str | None:
         value = self.env.get(name)
         return value.strip() if value is not None and value.strip() else None
+
+    def secret(self, name: str) -> str | None:
+        return secret(name, self.env)
 
     def seconds(self, name: str, default: float) -> float:
         value = self.seconds_or_none(name)
@@ -278,15 +306,73 @@ class _Env:
         return found
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        raw = self.get(name)
+        """A URL that may hold a password: from `name` or the file `<name>_FILE`."""
+        raw = self.secret(name)
         if raw is None:
             return default
         if not raw.startswith(schemes):
+            where = f"{name}_FILE" if self.get(f"{name}_FILE") else name
+            scheme = raw.split("://")[0] if "://" in raw else ""
+            # Only a scheme is shown: anything else may be the password itself.
+            got = (
+                f"{scheme!r}://…"
+                if _SCHEME.fullmatch(scheme)
+                else "something else (not shown: it may be a secret)"
+            )
             raise ConfigError(
-                f"{name}: expected a URL starting with {' or '.join(schemes)}, "
-                f"got {raw.split('://')[0]!r}://…"
+                f"{where}: expected a URL starting with {' or '.join(schemes)}, got {got}"
             )
         return raw
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,19}")
+
+
+def secret(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The secret `name`: the variable's value, or else the content of the file that
+    `<name>_FILE` names with one trailing newline stripped; None when neither is set.
+
+    Read this way both for the settings (SECRETS) and for the credentials that job
+    params name (`password_env`, `headers_env`, …). Both set, or a file that cannot be
+    read or is empty: a ConfigError naming the variables and the path, never the content.
+    """
+    env = os.environ if env is None else env
+    value = (env.get(name) or "").strip() or None
+    path = (env.get(f"{name}_FILE") or "").strip() or None
+    if path is None:
+        return value
+    if value is not None:
+        raise ConfigError(
+            f"{name} and {name}_FILE are both set: set only one (the file keeps the secret"
+            " out of the environment)"
+        )
+    return _secret_file(f"{name}_FILE", Path(path))
+
+
+def _secret_file(variable: str, path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_SECRET_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{variable}: {path} does not exist") from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{variable}: cannot read {path}: {why}") from None
+    if len(raw) > MAX_SECRET_FILE:
+        raise ConfigError(
+            f"{variable}: {path} is larger than {MAX_SECRET_FILE // 1024} KiB; a secret file"
+            " holds only the secret"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text") from None
+    # `echo secret > file` and most editors end the file with a newline; it is not part
+    # of the secret. Any other whitespace is kept: it may be.
+    text = text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+    if not text.strip():
+        raise ConfigError(f"{variable}: {path} is empty")
+    return text
 
 
 def webhook_url_problem(url: str) -> str | None:
@@ -351,10 +437,12 @@ def parse_jobs(
     if not isinstance(tables, list):
         raise ConfigError(f"{path}: 'jobs' must be an array of tables ([[jobs]])")
     jobs: list[JobSpec] = []
+    names: set[str] = set()
     for i, table in enumerate(tables):
         job = _job_from_table(path, i, table)
-        if any(j.name == job.name for j in jobs):
+        if job.name in names:
             raise ConfigError(f"{path}: job {job.name!r}: name is used twice")
+        names.add(job.name)
         if kinds is not None:
             check = kinds.get(job.kind)
             if check is None:

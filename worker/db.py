@@ -259,15 +259,23 @@ def _dsn_database(dsn: str) -> _DsnDb:
     return _DsnDb(dsn, name, start, end)
 
 
+# Reads the fence for a fenced transaction and sets `worker.token` for it (see `fenced`).
+_READ_FENCE = "SELECT token, set_config('worker.token', $1, true) FROM fence WHERE id = 1 FOR SHARE"
+
+
 @asynccontextmanager
 async def fenced(pool: Pool, token: int) -> AsyncIterator[Connection]:
     """A transaction that commits only while `token` is the newest leader's.
 
     The fence row is read FOR SHARE, so a new leader's raise waits for this
-    transaction and every transaction after the raise sees the new token.
+    transaction and every transaction after the raise sees the new token. The same
+    statement sets `worker.token` for the transaction: the audit triggers (migration
+    0014) record it beside every write, so `write_audit` says which term wrote what, and
+    when. (It is set before the check, in the one round trip; a refused transaction
+    rolls back, and the setting with it.)
     """
     async with pool.acquire() as conn, conn.transaction():
-        current = await conn.fetchval("SELECT token FROM fence WHERE id = 1 FOR SHARE")
+        current = await conn.fetchval(_READ_FENCE, str(token))
         if current != token:
             raise Fenced(token, current)
         yield conn
@@ -303,21 +311,31 @@ async def _raise(pool: Pool, *, token: int, holder: str, lock_wait: float) -> No
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = {max(int(lock_wait * 1000), 1)}")
         row = await conn.fetchrow(
-            "UPDATE fence SET token = $1, holder = $2, raised_at = now()"
-            " WHERE id = 1 AND token < $1 RETURNING token",
+            "UPDATE fence SET token = $1, holder = $2 WHERE id = 1 AND token < $1 RETURNING token",
             token,
             holder,
         )
         if row is None:
             current = await conn.fetchval("SELECT token FROM fence WHERE id = 1")
             raise Fenced(token, current)
-        await conn.execute(
-            "UPDATE leader_terms SET ended_at = now(), end_reason = 'superseded'"
-            " WHERE ended_at IS NULL AND token < $1",
-            token,
+        # The term starts once the fence row is ours: the clock read *after* the UPDATE
+        # above (its SET was computed before it waited for the older term's last fenced
+        # transactions, and now() is when this transaction began). Every write of an older
+        # term committed before this instant (see tests/chaos/audit.py).
+        started = await conn.fetchval(
+            "UPDATE fence SET raised_at = clock_timestamp() WHERE id = 1 RETURNING raised_at"
         )
         await conn.execute(
-            "INSERT INTO leader_terms (token, holder) VALUES ($1, $2)", token, holder
+            "UPDATE leader_terms SET ended_at = $2, end_reason = 'superseded'"
+            " WHERE ended_at IS NULL AND token < $1",
+            token,
+            started,
+        )
+        await conn.execute(
+            "INSERT INTO leader_terms (token, holder, started_at) VALUES ($1, $2, $3)",
+            token,
+            holder,
+            started,
         )
 
 
@@ -347,6 +365,14 @@ async def end_term(pool: Pool, *, token: int, reason: str) -> None:
             token,
             reason,
         )
+
+
+async def prune_audit(conn: Connection, *, keep: float) -> int:
+    """Delete `write_audit` rows (migration 0014) older than `keep` seconds."""
+    done: str = await conn.execute(
+        "DELETE FROM write_audit WHERE first_at < now() - make_interval(secs => $1)", keep
+    )
+    return int(done.split()[-1])
 
 
 def like_literal(text: str | None) -> str | None:

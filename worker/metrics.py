@@ -118,3 +118,9 @@ JOB_EXPECTED_PERIOD = Gauge(
     "The longest gap between two slots of the job's schedule (leader only)",
     ["job"],
 )
+EVENT_LOOP_LAG = Histogram(
+    "worker_event_loop_lag_seconds",
+    "How late the event loop ran a timer (sampled every 0.1 s): the wait a probe or any"
+    " other callback had behind CPU-bound work",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -53,6 +53,7 @@ async def reap_forever(
                 async with db.fenced(pool, token) as conn:
                     pruned = await runs.prune(conn, keep=settings.keep_runs)
                     hooks = await webhooks.prune(conn, keep=settings.keep_runs)
+                    await db.prune_audit(conn, keep=settings.keep_runs)
                 if pruned or hooks:
                     log.info(
                         "pruned %d finished runs and %d webhook deliveries older than the"

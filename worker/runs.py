@@ -6,9 +6,12 @@ make (enqueueing a manual run) and all reads take the pool.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from .config import JobSpec
 from .db import NOTIFY_CHANNEL, Connection, Pool, jsonable
@@ -60,6 +63,38 @@ async def job_since(conn: Connection, job: str, schedule: str | None = None) -> 
     return since
 
 
+async def plan_from(
+    conn: Connection, jobs: Sequence[tuple[str, str | None]]
+) -> dict[str, datetime]:
+    """Where planning of each (job, schedule) starts, for many jobs in one statement: the
+    newest of `job_since` (recorded now for a job never seen), its newest slot
+    (`last_slot`) and when it was last resumed (a pause's slots are not owed)."""
+    rows = await conn.fetch(
+        """
+        WITH seen AS (
+            INSERT INTO job_state AS s (job, schedule)
+            SELECT j.job, j.schedule FROM unnest($1::text[], $2::text[]) AS j(job, schedule)
+            ORDER BY j.job
+            ON CONFLICT (job) DO UPDATE SET
+                schedule_since = CASE
+                    WHEN s.removed_at IS NOT NULL
+                      OR (s.schedule IS NOT NULL
+                          AND s.schedule IS DISTINCT FROM EXCLUDED.schedule)
+                    THEN now() ELSE s.schedule_since END,
+                schedule = EXCLUDED.schedule,
+                removed_at = NULL
+            RETURNING s.job, greatest(s.since, s.schedule_since) AS since, s.resumed_at
+        )
+        SELECT seen.job, greatest(seen.since, seen.resumed_at, (
+            SELECT max(r.slot) FROM runs r WHERE r.job = seen.job AND r.trigger <> 'backfill'
+        )) AS start FROM seen
+        """,
+        [job for job, _ in jobs],
+        [schedule for _, schedule in jobs],
+    )
+    return {r["job"]: r["start"] for r in rows}
+
+
 async def mark_removed(conn: Connection, jobs: Sequence[str]) -> None:
     """A reload took `jobs` out of the jobs file: should one come back, it starts from then."""
     await conn.execute(
@@ -102,6 +137,52 @@ async def claim_slot(
         worker_id,
     )
     return dict(row) if row else None
+
+
+async def claim_slots(
+    conn: Connection,
+    claims: Sequence[tuple[str, str, datetime, Mapping[str, Any]]],
+    *,
+    token: int,
+    worker_id: str,
+) -> list[dict[str, Any]]:
+    """`claim_slot` for many (job, kind, slot, params) in one statement, in their order:
+    the running rows inserted; a slot that already has a row is skipped."""
+    rows = await conn.fetch(
+        "INSERT INTO runs (job, kind, slot, trigger, status, token, params, worker_id,"
+        " started_at, heartbeat_at)"
+        " SELECT c.job, c.kind, c.slot, 'schedule', 'running', $5, c.params::jsonb, $6,"
+        " now(), now()"
+        " FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[])"
+        " WITH ORDINALITY AS c(job, kind, slot, params, n) ORDER BY c.n"
+        f" ON CONFLICT (job, slot) DO NOTHING RETURNING {_COLUMNS}",
+        [c[0] for c in claims],
+        [c[1] for c in claims],
+        [c[2] for c in claims],
+        [orjson.dumps(dict(c[3])).decode() for c in claims],
+        token,
+        worker_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def record_missed_many(
+    conn: Connection, missed: Sequence[tuple[str, str, datetime, str]]
+) -> Counter[str]:
+    """`record_missed` for many (job, kind, slot, reason) in one statement; returns how
+    many new `missed` rows each job got."""
+    rows = await conn.fetch(
+        "INSERT INTO runs (job, kind, slot, trigger, status, error, finished_at)"
+        " SELECT m.job, m.kind, m.slot, 'schedule', 'missed', m.reason, now()"
+        " FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[])"
+        " WITH ORDINALITY AS m(job, kind, slot, reason, n) ORDER BY m.n"
+        " ON CONFLICT (job, slot) DO NOTHING RETURNING job",
+        [m[0] for m in missed],
+        [m[1] for m in missed],
+        [m[2] for m in missed],
+        [m[3] for m in missed],
+    )
+    return Counter(r["job"] for r in rows)
 
 
 async def record_missed(
@@ -274,6 +355,15 @@ async def set_job_error(conn: Connection, job: str, error: str | None) -> None:
         " WHERE job_state.error IS DISTINCT FROM EXCLUDED.error",
         job,
         error,
+    )
+
+
+async def clear_job_errors(conn: Connection, jobs: Sequence[str]) -> None:
+    """`set_job_error(conn, job, None)` for many jobs whose planning works (again)."""
+    await conn.execute(
+        "UPDATE job_state s SET error = NULL, error_at = NULL FROM unnest($1::text[]) AS j(job)"
+        " WHERE s.job = j.job AND s.error IS NOT NULL",
+        list(jobs),
     )
 
 

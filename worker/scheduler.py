@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # How often the leader refreshes the per-job gauges (failure streak, paused, last success).
 JOB_GAUGES_EVERY = 5.0
+# Terms still closing after their leader handed on the lease (kept referenced).
+_LATE: set[asyncio.Task[None]] = set()
 
 
 class Leader:
@@ -138,10 +140,27 @@ class Leader:
             jobgauges.clear()  # a follower exports no stale job state
             for task in helpers:
                 task.cancel()
-            await executor.close(reason)
-            await asyncio.gather(*helpers, return_exceptions=True)
-            with contextlib.suppress(Fenced, *db.DB_ERRORS):
-                await db.end_term(self.pool, token=self.token, reason=reason)
+            closing = asyncio.create_task(
+                self._close(executor, helpers, reason), name=f"close-term-{self.token}"
+            )
+            # Bounded like the elector's wait for leader work it cancels: a term that ends
+            # because its database is gone must not keep the lease while its runs try to
+            # record their ends. What is late goes on in the background; once a successor
+            # leads, the fence refuses it.
+            grace = self.settings.shutdown_grace / 2
+            done, _ = await asyncio.wait({closing}, timeout=grace)
+            if not done:
+                log.warning("term %d still closing after %.1fs: handing on", self.token, grace)
+                _LATE.add(closing)
+                closing.add_done_callback(_LATE.discard)
+
+    async def _close(
+        self, executor: Executor, helpers: list[asyncio.Task[None]], reason: str
+    ) -> None:
+        await executor.close(reason)
+        await asyncio.gather(*helpers, return_exceptions=True)
+        with contextlib.suppress(Fenced, *db.DB_ERRORS):
+            await db.end_term(self.pool, token=self.token, reason=reason)
 
     async def _first_reap(self, executor: Executor) -> None:
         try:
@@ -160,7 +179,10 @@ class Leader:
     async def _loop(self, executor: Executor, planner: Planner) -> None:
         failures = 0
         gauges_at = self._now()
+        clock = asyncio.get_running_loop().time
+        last_ok = clock()  # when the last tick that reached the database began
         while True:
+            began = clock()
             if self._fenced.is_set():
                 raise StepDown("a newer leader raised the fence")
             # Cleared before the tick, so a wake-up that arrives during it is not lost.
@@ -177,12 +199,22 @@ class Leader:
                     await jobgauges.refresh(self.pool, list(self.jobs.values()), self._now())
                 pause = max(0.0, (next_due - self._now()).total_seconds())
                 failures = 0
+                last_ok = began
             except Fenced as exc:
                 raise StepDown(str(exc)) from exc
             except db.DB_ERRORS as exc:
                 # Transient: the database is restarting. Deterministic: a bug of ours the
                 # next tick will likely meet again; either way the replica stays up.
                 failures += 1
+                # A leader that cannot reach the database for a whole lease TTL (cut off
+                # from it, while Redis still renews its lease) hands the lease on: another
+                # replica may reach it. If none can, each new leader's fence raise fails
+                # and it hands the lease on in turn, at no cost.
+                blind = clock() - last_ok
+                if db.is_transient(exc) and blind >= self.settings.lease.ttl:
+                    raise StepDown(
+                        f"no database for {blind:.0f}s ({type(exc).__name__}: {exc})"
+                    ) from exc
                 pause = min(POLL_EVERY * failures, 10.0)
                 log.log(
                     logging.WARNING if db.is_transient(exc) else logging.ERROR,

@@ -101,6 +101,9 @@ class EmagOffers:
                     next_page += 1
                 page_no = next_page - len(window)
                 results = await window.popleft()
+                # A page already read does not suspend the await above: without this,
+                # pages read meanwhile would be mapped in one stretch, the probes waiting.
+                await asyncio.sleep(0)
                 last = page_no >= total_pages or len(results) < self.per_page
                 items, failed = map_all(results, map_offer, id_field="id")
                 yield Page(

@@ -35,6 +35,7 @@ GONE_GUARD = 0.5  # a pass listing fewer than this share of the live items marks
 MAX_ROWS_PER_COMMIT = 5000
 QUEUE_PAGES = 64
 FETCHER_STOP = 5.0  # seconds a cancelled fetcher gets to close the connector
+FETCHER_RECANCEL = 0.2  # cancelled again after this long, if a cancellation was lost
 FINISHED = "finished"  # the key of the cursor that records a pass fetched to its end
 _DONE = object()
 
@@ -227,10 +228,8 @@ class _Sync:
             await fetcher  # surfaces a fetch error after the pages before it were kept
         finally:
             if not fetcher.done():
-                # The writer failed (or the run was cancelled): stop the fetcher. wait()
-                # neither raises the fetcher's end nor swallows a cancellation of this run.
-                fetcher.cancel()
-                await asyncio.wait([fetcher], timeout=FETCHER_STOP)
+                # The writer failed (or the run was cancelled): stop the fetcher.
+                await _stop(fetcher)
                 if not fetcher.done():
                     self.ctx.log.warning("the fetcher did not stop within %gs", FETCHER_STOP)
 
@@ -367,6 +366,23 @@ def _finished(*, complete: bool) -> dict[str, Any]:
     may be a JSON object with a "finished" key (the fetcher refuses one).
     """
     return {FINISHED: True, "complete": complete}
+
+
+async def _stop(fetcher: asyncio.Task[None]) -> None:
+    """Cancel the fetcher until it ends, for up to FETCHER_STOP seconds.
+
+    Once is not always enough on Python 3.11: its `asyncio.wait_for` (redis-py's, under
+    the rate limiter) returns a result that arrived together with the cancellation and
+    drops the cancellation. The page read the fetcher awaited then completes, and the
+    fetcher, whose cancellation went into that read, goes on paging: after a leader woke
+    from a freeze it fetched the rest of the catalogue beside its successor's resume.
+    `asyncio.wait` neither raises the fetcher's end nor swallows a cancellation of the run.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FETCHER_STOP
+    while not fetcher.done() and loop.time() < deadline:
+        fetcher.cancel()
+        await asyncio.wait([fetcher], timeout=min(FETCHER_RECANCEL, deadline - loop.time()))
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

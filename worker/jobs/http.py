@@ -5,21 +5,21 @@ manual runs) and X-Worker-Token, so the receiver can deduplicate by slot and ref
 a stale leader by token. It goes through the rate limiter keyed by host.
 
 Credentials never sit in the jobs file: `headers_env` maps a header to the
-environment variable holding its value, read when a run starts; a header whose
-name looks like a credential is refused in plain `headers`.
+environment variable holding its value (or, when it is unset, `<VARIABLE>_FILE`
+naming a file that does), read when a run starts; a header whose name looks like a
+credential is refused in plain `headers`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import JobSpec
+from ..config import JobSpec, secret
 from ..context import RunContext
-from ..errors import JobError
+from ..errors import ConfigError, JobError
 from ..logs import redact
 from ..ratelimit import Rate
 from ..upstream import Timeouts
@@ -126,14 +126,17 @@ def _check_headers(headers: Mapping[str, str], headers_env: Any) -> None:
 
 
 def _from_env(headers_env: Mapping[str, str], job: str) -> dict[str, str]:
-    """Header values from the environment, read now so a rotated secret is picked up."""
+    """Header values from the environment (or the files `<VAR>_FILE` name), read now so
+    a rotated secret is picked up."""
     values = {}
     for name, var in headers_env.items():
-        value = os.environ.get(var, "")
+        where = f"headers_env {name!r} of job {job!r}"
+        try:
+            value = secret(var)
+        except ConfigError as exc:
+            raise JobError(f"{exc} ({where})") from None
         if not value:
-            raise JobError(
-                f"environment variable {var} (headers_env {name!r} of job {job!r}) is not set"
-            )
+            raise JobError(f"environment variable {var} (or {var}_FILE) ({where}) is not set")
         values[name] = value
     return values
 

@@ -1,33 +1,39 @@
 """Job kinds `emag.offers` and `ebay.catalog`: the catalogue sync with their connectors.
 
 Credentials never sit in the jobs file: params name the environment variables that
-hold them (`username_env`, `client_secret_env`, …), read when a run starts.
+hold them (`username_env`, `client_secret_env`, …) or, when such a variable is unset,
+`<NAME>_FILE` naming a file that does; read when a run starts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import JobSpec
+from ..config import JobSpec, secret
 from ..connectors.base import Connector
 from ..connectors.ebay import MAX_LIMIT, MAX_QUERY_CHARS, MAX_SELLERS, EbayCatalog, TokenCache
 from ..connectors.emag import MAX_PER_PAGE, PLATFORMS, EmagOffers
 from ..context import RunContext
-from ..errors import JobError
+from ..errors import ConfigError, JobError
 from ..ratelimit import Rate
 from ..upstream import Timeouts, Upstream, host_label
 from .catalog import CatalogJob
 
 
 def _secret(params: Mapping[str, Any], key: str, job: str) -> str:
+    """The credential the param `key` names: the variable, or the file `<NAME>_FILE`."""
     name = params[key]
-    value = os.environ.get(name, "")
+    try:
+        value = secret(name)
+    except ConfigError as exc:
+        raise JobError(f"{exc} ({key} of job {job!r})") from None
     if not value:
-        raise JobError(f"environment variable {name} ({key} of job {job!r}) is not set")
+        raise JobError(
+            f"environment variable {name} (or {name}_FILE) ({key} of job {job!r}) is not set"
+        )
     return value
 
 

@@ -18,7 +18,6 @@ The seed forbids triggering these by hand: a job of these kinds must say
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from .. import events
-from ..config import JobSpec
+from ..config import JobSpec, secret
 from ..context import RunContext
-from ..errors import JobError, UpstreamError
+from ..errors import ConfigError, JobError, UpstreamError
 from ..events import NOT_BY_HAND, LocalOperation
 from ..logs import redact
 from ..merge import strip_nul
@@ -247,10 +246,14 @@ def _server(ctx: RunContext) -> ParsingServer:
 
 
 def _env(name: str, job: str) -> str:
-    """Read when a run starts, so a rotated key is picked up."""
-    value = os.environ.get(name, "").strip()
+    """The variable, or the file `<name>_FILE` names; read when a run starts, so a
+    rotated key is picked up."""
+    try:
+        value = secret(name)
+    except ConfigError as exc:
+        raise JobError(f"{exc} (for job {job!r})") from None
     if not value:
-        raise JobError(f"environment variable {name} (for job {job!r}) is not set")
+        raise JobError(f"environment variable {name} (or {name}_FILE) (for job {job!r}) is not set")
     return value
 
 

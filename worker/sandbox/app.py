@@ -118,6 +118,7 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     sandbox.requests.append(record)
     request[RECORD] = record
     try:
+        await sandbox.hold_while_hung()
         response = await handler(request)
     except Rejected as rejected:
         response = rejected.response

@@ -64,6 +64,10 @@ class Faults:
     items match (at an offset it then refuses, 12029). eBay's documents do not say."""
     rate_limit: bool = True
     """False lifts the rate limit (for benchmarks)."""
+    hang: bool = False
+    """While true, every API request (eMAG, eBay, OAuth) is held without an answer: an
+    upstream that hangs. Clearing it answers the requests still held, as if the
+    upstream woke up (a client that gave up meanwhile is gone by then)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -202,6 +206,14 @@ class Sandbox:
             return None
         self.faults.fail_next -= 1
         return self.faults.fail_status
+
+    async def hold_while_hung(self) -> None:
+        """Return once `faults.hang` is clear (at once when it is). Polled: faults are
+        plain fields, changed by tests and by POST /_sandbox/faults."""
+        while True:
+            if not self.faults.hang:
+                return
+            await asyncio.sleep(0.01)
 
     async def page_delay(self, page: int) -> None:
         if self.faults.is_slow(page):

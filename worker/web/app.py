@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,8 +22,20 @@ from ..config import JobSpec, Settings
 from ..db import Pool, jsonable
 from ..election import Elector
 from ..lease import Holder, Lease
+from ..logs import redact
 from ..reload import LiveSettings
-from .query import MAX_LIMIT, MAX_OFFSET, ApiError, Query, parse_run_id, read_body
+from .query import (
+    LAST,
+    MAX_LIMIT,
+    MAX_OFFSET,
+    ApiError,
+    Query,
+    in_range,
+    no_query,
+    parse_run_id,
+    read_body,
+    utc_clamped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +46,9 @@ MAX_URL = MAX_HEADER = 8190
 PARSER_LIMITS = {"max_line_size": 8 * MAX_URL, "max_field_size": 2 * MAX_HEADER}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# `/runs/{id}`, but not the literal path beside it: GET /runs/cleanup-stuck is a 405 that
+# says POST (as the OpenAPI document has it), not a run id that is not a number.
+RUN_PATH = r"/runs/{id:(?!cleanup-stuck$)[^{}/]+}"
 
 
 @dataclass
@@ -77,7 +93,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the worker's log")
@@ -152,6 +171,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def leader(request: web.Request) -> web.Response:
+    no_query(request)
     state = request.app[STATE]
     current = await state.lease.current()
     me = state.settings.worker_id
@@ -159,19 +179,28 @@ async def leader(request: web.Request) -> web.Response:
     return json_response({**view, "self": bool(current and current.holder == me), "self_id": me})
 
 
+def public_job(view: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it: its webhook URLs lose their user, password and query
+    values, as every URL shown does (a receiver's token often rides in the query)."""
+    job = runs.public_job(view)
+    return {**job, "webhooks": redact(job["webhooks"])}
+
+
 async def list_jobs(request: web.Request) -> web.Response:
+    no_query(request)
     state = request.app[STATE]
     overview = await runs.job_overview(state.pool, state.settings.jobs, datetime.now(UTC))
-    return json_response({"jobs": [runs.public_job(view) for view in overview]})
+    return json_response({"jobs": [public_job(view) for view in overview]})
 
 
 async def get_job(request: web.Request) -> web.Response:
+    no_query(request)
     state = request.app[STATE]
     spec = state.settings.job(request.match_info["name"])
     if spec is None:
         raise ApiError(404, "unknown_job", f"no job named {request.match_info['name']!r}")
     [view] = await runs.job_overview(state.pool, [spec], datetime.now(UTC))
-    return json_response(runs.public_job(view))
+    return json_response(public_job(view))
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -187,6 +216,7 @@ async def list_runs(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     run_id = parse_run_id(request.match_info["id"])
+    no_query(request)
     run = await runs.get(request.app[STATE].pool, run_id)
     if run is None:
         raise ApiError(404, "unknown_run", f"no run {run_id}")
@@ -210,6 +240,8 @@ async def list_webhooks(request: web.Request) -> web.Response:
 async def cancel_run(request: web.Request) -> web.Response:
     _require_key(request)
     run_id = parse_run_id(request.match_info["id"])
+    no_query(request)
+    await read_body(request, ())
     state = request.app[STATE]
     before = await runs.request_cancel(state.pool, run_id, by=f"api:{state.settings.worker_id}")
     if before is None:
@@ -260,9 +292,12 @@ async def list_events(request: web.Request) -> web.Response:
     for name in ("from", "to"):
         raw = q.text(name)
         try:
-            bounds[name] = None if raw is None else events.day_or_instant(raw, end=name == "to")
+            value = None if raw is None else events.day_or_instant(raw, end=name == "to")
         except ValueError as exc:
             raise ApiError(400, f"bad_{name}", f"{name}: {exc}") from None
+        except OverflowError:  # the day after 9999-12-31: nothing starts later
+            value = LAST
+        bounds[name] = None if value is None else utc_clamped(value)
     total, items = await events.search(
         request.app[STATE].pool,
         source=q.text("source"),
@@ -276,13 +311,75 @@ async def list_events(request: web.Request) -> web.Response:
     return json_response({"total": total, "items": [jsonable(i) for i in items]})
 
 
+# --- keys: X-API-Key is the write key (WORKER_API_KEY) or, for reads, the read key ---
+
+# Open whatever the keys: the kubelet's probes and Prometheus send none, and the page's
+# script, styles and icon (no data) let its shell ask for one; the OpenAPI document (no
+# data) is what a client generator starts from. By route, not by path.
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/static", "/openapi.json"})
+# Pages whose HTML loads without the read key as a shell holding no data; their script
+# then asks for a key (worker.web.status checks `can_read` itself).
+SHELLS = frozenset({"/", "/ui/runs/{id}"})
+
+
+def _digest(key: str) -> bytes:
+    # Header values may hold undecodable bytes (kept as surrogates): compared, not refused.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def key_matches(given: str, expected: str) -> bool:
+    """Constant time: both sides are hashed first, so neither the content nor the length
+    of the expected key shows in how long a wrong guess takes."""
+    return hmac.compare_digest(_digest(given), _digest(expected))
+
+
 def _require_key(request: web.Request) -> None:
     expected = request.app[STATE].settings.api_key
     if not expected:
         raise ApiError(403, "api_disabled", "mutating endpoints are off: set WORKER_API_KEY")
-    given = request.headers.get("X-API-Key", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not key_matches(request.headers.get("X-API-Key", ""), expected):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+
+
+def can_read(request: web.Request) -> bool:
+    """Whether the request may read data: no WORKER_READ_KEY is set, or X-API-Key is the
+    read key or the write key."""
+    settings = request.app[STATE].settings
+    if not settings.read_key:
+        return True
+    given = request.headers.get("X-API-Key")
+    if given is None:
+        return False
+    # Both compared, always: which key matched does not show in the time taken either.
+    matches = [key_matches(given, key) for key in (settings.read_key, settings.api_key) if key]
+    return any(matches)
+
+
+@web.middleware
+async def _read_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With WORKER_READ_KEY set, every GET (and HEAD) needs X-API-Key, the read key or the
+    write key (401 otherwise), but for OPEN_ROUTES and the page SHELLS."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    if (
+        request.method not in ("GET", "HEAD")
+        or not request.app[STATE].settings.read_key
+        or route in OPEN_ROUTES
+    ):
+        return await handler(request)
+    if route not in SHELLS and not can_read(request):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "reading needs a key here: send X-API-Key with the read key (WORKER_READ_KEY)"
+            " or the API key (WORKER_API_KEY)",
+        )
+    response = await handler(request)
+    # What a key unlocked is never kept by a cache, to be shown to a request without one.
+    response.headers["Cache-Control"] = "no-store"
+    vary = response.headers.get("Vary")
+    response.headers["Vary"] = f"{vary}, X-API-Key" if vary else "X-API-Key"
+    return response
 
 
 def requested_job(request: web.Request, *, by_hand: bool = True) -> JobSpec:
@@ -303,6 +400,8 @@ async def trigger(request: web.Request) -> web.Response:
     _require_key(request)
     state = request.app[STATE]
     spec = requested_job(request)
+    no_query(request)
+    await read_body(request, ())
     name = spec.name
     run_id = await runs.enqueue(
         state.pool,
@@ -320,6 +419,7 @@ async def backfill_job(request: web.Request) -> web.Response:
     _require_key(request)
     state = request.app[STATE]
     spec = requested_job(request)
+    no_query(request)
     name = spec.name
     body = await read_body(request, ("from", "to", "max"))
     limit = body.get("max", backfill.DEFAULT_MAX)
@@ -331,7 +431,7 @@ async def backfill_job(request: web.Request) -> web.Response:
             raw = body.get(field)
             if not isinstance(raw, str):
                 raise backfill.BackfillError(field, "required: an ISO date or date-time")
-            bounds[field] = backfill.bound(raw, spec, field)
+            bounds[field] = in_range(field, raw, backfill.bound(raw, spec, field))
         done = await backfill.backfill(
             state.pool,
             spec,
@@ -348,9 +448,10 @@ async def backfill_job(request: web.Request) -> web.Response:
 
 
 def build_app(state: WebState) -> web.Application:
-    """The application: probes and metrics always, the API unless role=scheduler."""
+    """The application: probes, metrics and the OpenAPI document always, the API
+    unless role=scheduler."""
     app = web.Application(
-        middlewares=[_errors], handler_args={**PARSER_LIMITS, "logger": server_log}
+        middlewares=[_errors, _read_guard], handler_args={**PARSER_LIMITS, "logger": server_log}
     )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
@@ -363,7 +464,7 @@ def build_app(state: WebState) -> web.Application:
         app.router.add_post("/jobs/{name}/trigger", trigger)
         app.router.add_post("/jobs/{name}/backfill", backfill_job)
         app.router.add_get("/runs", list_runs)
-        app.router.add_get("/runs/{id}", get_run)
+        app.router.add_get(RUN_PATH, get_run)
         app.router.add_post("/runs/{id}/cancel", cancel_run)
         app.router.add_get("/webhooks", list_webhooks)
         app.router.add_post("/runs/cleanup-stuck", cleanup_stuck)
@@ -377,4 +478,7 @@ def build_app(state: WebState) -> web.Application:
         add_routes(app)
         add_control_routes(app)
         add_status_routes(app)
+    from .openapi import add_route as add_openapi_route
+
+    add_openapi_route(app)  # last: the document served lists the routes above
     return app

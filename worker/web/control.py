@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from .. import pauses, reload
 from ..errors import ConfigError
 from .app import STATE, _require_key, json_response, requested_job
-from .query import ApiError, read_body
+from .query import ApiError, no_query, read_body
 
 log = logging.getLogger(__name__)
 MAX_NOTE = 500
@@ -35,16 +35,24 @@ def _view(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _requested_by(request: web.Request) -> str:
+    """The `X-Requested-By` header, its first 100 characters. Bytes that are not UTF-8
+    arrive as surrogates, which Postgres cannot store: each becomes U+FFFD."""
+    raw = request.headers.get("X-Requested-By", "")
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:100]
+
+
 async def pause(request: web.Request) -> web.Response:
     """`POST /jobs/{name}/pause {note}`: its slots are not owed until it is resumed."""
     _require_key(request)
     name = _job(request)
+    no_query(request)
     body = await read_body(request, ("note",))
     note = body.get("note", "")
     if not isinstance(note, str) or len(note) > MAX_NOTE or "\x00" in note:
         raise ApiError(400, "bad_note", f"note: text of at most {MAX_NOTE} characters")
     state = request.app[STATE]
-    by = request.headers.get("X-Requested-By", "")[:100] or f"api:{state.settings.worker_id}"
+    by = _requested_by(request) or f"api:{state.settings.worker_id}"
     row = await pauses.pause(state.pool, name, by=by, note=note)
     log.warning("job %s paused by %s: %s", name, row["paused_by"], row["pause_note"] or "")
     return json_response(_view(row))
@@ -54,6 +62,7 @@ async def resume(request: web.Request) -> web.Response:
     """`POST /jobs/{name}/resume`: slots from now on run; those of the pause are not owed."""
     _require_key(request)
     name = _job(request)
+    no_query(request)
     await read_body(request, ())
     row = await pauses.resume(request.app[STATE].pool, name)
     log.warning("job %s resumed", name)
@@ -64,6 +73,7 @@ async def reload_jobs(request: web.Request) -> web.Response:
     """`POST /admin/reload`: re-read the jobs file here, and ask every replica to do the
     same (they mount the same file). An invalid file is refused, the running jobs stay."""
     _require_key(request)
+    no_query(request)
     await read_body(request, ())
     state = request.app[STATE]
     if state.live is None:

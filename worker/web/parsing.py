@@ -22,7 +22,7 @@ from .. import operations, run_items, runs
 from ..config import JobSpec, Settings
 from ..parsing import TYPES
 from .app import STATE, _require_key, json_response
-from .query import MAX_ID, MAX_LIMIT, MAX_TEXT, ApiError, Query, read_body
+from .query import MAX_ID, MAX_LIMIT, MAX_TEXT, ApiError, Query, no_query, read_body
 from .query import shown as _shown
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,6 @@ META_LISTS = {"countries": "code", "cities": "name", "categories": "name"}
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _ID = re.compile(r"[0-9]{1,19}")
 _QUOTED_FIELD = re.compile(r"'(meta[^']*)'[: ]\s*(.*)", re.DOTALL)
-
-
-def _no_query(request: web.Request) -> None:
-    if request.query:
-        name = next(iter(request.query))
-        raise ApiError(
-            400,
-            "unknown_parameter",
-            f"unknown query parameter {_shown(name)}; this endpoint takes none",
-        )
 
 
 def _bad_meta(field: str, message: str) -> ApiError:
@@ -234,7 +224,7 @@ def _entry(op: operations.Operation, events: list[Any]) -> dict[str, Any]:
 
 async def create(request: web.Request) -> web.Response:
     _require_key(request)
-    _no_query(request)
+    no_query(request)
     state = request.app[STATE]
     body = await _body(request, ("type", "meta"))
     spec = _job_for(state.settings, body.get("type"))
@@ -260,7 +250,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def results(request: web.Request) -> web.Response:
     _require_key(request)
-    _no_query(request)
+    no_query(request)
     pool = request.app[STATE].pool
     raw = request.match_info["operationId"]
     op = await operations.get(pool, _operation_id(raw))
@@ -287,7 +277,7 @@ async def unprocessed(request: web.Request) -> web.Response:
 
 async def cleanup(request: web.Request) -> web.Response:
     _require_key(request)
-    _no_query(request)
+    no_query(request)
     body = await _body(request, ("days",))
     days = body.get("days", DEFAULT_CLEANUP_DAYS)
     if days is None:

@@ -24,8 +24,8 @@ from .. import events, replicas, runs, webhooks
 from ..config import JobSpec
 from ..logs import redact
 from ..robots import version
-from .app import STATE, WebState, json_response
-from .query import MAX_ID, ApiError, Query, parse_run_id
+from .app import STATE, Handler, WebState, can_read, json_response
+from .query import MAX_ID, ApiError, Query, no_query, parse_run_id
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 25
@@ -329,12 +329,21 @@ def _html(
 ) -> web.Response:
     context.setdefault("me", _me(request.app[STATE]))
     context.setdefault("now", datetime.now(UTC).isoformat())
+    context.setdefault("locked", False)
     response = aiohttp_jinja2.render_template(name, request, context, status=status)
     response.headers.update(SECURITY_HEADERS)
     return response
 
 
+def _shell(name: str, request: web.Request, **context: Any) -> web.Response:
+    """The page without its data, for a request without the read key (WORKER_READ_KEY):
+    its script asks for the key, then loads the page with it."""
+    return _html(name, request, {**context, "locked": True, "me": None})
+
+
 async def index(request: web.Request) -> web.Response:
+    if not can_read(request):
+        return _shell("index.html", request)
     state = request.app[STATE]
     filters = _filters(request)
     data, history = await snapshot(state, filters, chart_runs=CHART_RUNS)
@@ -364,6 +373,8 @@ async def run_page(request: web.Request) -> web.Response:
     chain, timings and webhook deliveries."""
     state = request.app[STATE]
     run_id = parse_run_id(request.match_info["id"])
+    if not can_read(request):
+        return _shell("run.html", request, run=None, run_id=run_id)
     run = await runs.get(state.pool, run_id)
     if run is None:
         return _html("run.html", request, {"run": None, "run_id": run_id}, status=404)
@@ -386,6 +397,7 @@ async def run_page(request: web.Request) -> web.Response:
 
 async def list_replicas(request: web.Request) -> web.Response:
     """`GET /replicas`: every replica that announced itself within its TTL."""
+    no_query(request)
     state = request.app[STATE]
     leader, _ = await _leader(state)
     found, error = await _replicas(state, leader)
@@ -414,8 +426,23 @@ def _setup_templates(app: web.Application) -> None:
     env.globals.update(chart=chart, asset=lambda name: app.router["static"].url_for(filename=name))
 
 
+ASSETS = frozenset(p.name for p in (HERE / "static").iterdir())
+
+
+@web.middleware
+async def _missing_assets(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's static route answers a missing file itself, once the handler returned
+    (an empty 404, past the error middleware): refused here, it is the API's JSON 404."""
+    resource = request.match_info.route.resource
+    static = resource is not None and resource.name == "static"
+    if static and request.match_info.get("filename") not in ASSETS:
+        raise web.HTTPNotFound()
+    return await handler(request)
+
+
 def add_routes(app: web.Application) -> None:
     _setup_templates(app)
+    app.middlewares.append(_missing_assets)
     app.router.add_static("/static/", HERE / "static", name="static", append_version=True)
     app.router.add_get("/", index)
     app.router.add_get("/ui/state", ui_state)

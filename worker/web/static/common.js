@@ -7,8 +7,12 @@ const ui = (window.ui = {});
 const KEY = "worker-api-key";
 
 // --- the API key: asked once, kept in this tab (sessionStorage), sent as a header ---
+// Never in a URL: URLs end up in logs, history and Referer headers.
 
 ui.key = () => sessionStorage.getItem(KEY) || "";
+// Sent with every call once set: actions need the API key, and reads need a key too
+// where the worker requires one (WORKER_READ_KEY; the read key or the API key).
+ui.headers = () => (ui.key() ? { "X-API-Key": ui.key() } : {});
 
 function showKey() {
   const has = Boolean(ui.key());
@@ -18,29 +22,83 @@ function showKey() {
   document.getElementById("key-forget").hidden = !has;
 }
 
-function askKey() {
+// Asks for the key; `reason` says why when the worker refused a read (HTTP 401). A key
+// saved unlocks a locked page, or makes the page poll again at once.
+function askKey(reason = "") {
   const dialog = document.getElementById("key-dialog");
+  if (dialog.open) return;
   const input = document.getElementById("key-input");
+  const why = document.getElementById("key-reason");
+  why.textContent = reason;
+  why.hidden = !reason;
   input.value = "";
   open(dialog, () => {
-    if (dialog.returnValue === "ok" && input.value.trim()) {
+    const saved = dialog.returnValue === "ok" && input.value.trim();
+    if (saved) {
       sessionStorage.setItem(KEY, input.value.trim());
-      ui.notify("API key saved for this tab: the action buttons are on.");
+      ui.notify("Key saved for this tab.");
     }
     input.value = "";
     showKey();
+    if (saved && locked()) unlock();
+    else if (saved && ui.refresh) ui.refresh();
   });
+}
+
+// --- a locked page: the worker requires a key to read (WORKER_READ_KEY) ---------------
+// Without one the server sends the page without its data (<main data-locked>); once a
+// key is known the page loads itself again with it and swaps its data in.
+
+const starts = [];
+const locked = () => document.getElementById("main").hasAttribute("data-locked");
+
+// The page's own script starts with `fn` once the page holds its data.
+ui.start = (fn) => starts.push(fn);
+
+async function unlock() {
+  const why = document.getElementById("locked-why");
+  const say = (text) => {
+    why.textContent = text;
+    why.hidden = !text;
+  };
+  if (!ui.key()) {
+    askKey("This worker needs a key to show its data: the read key (WORKER_READ_KEY) or the API key.");
+    return;
+  }
+  let response;
+  try {
+    response = await fetch(location.href, {
+      headers: { Accept: "text/html", ...ui.headers() }, cache: "no-store",
+      credentials: "same-origin", signal: AbortSignal.timeout(15000),
+    });
+  } catch (e) {
+    say(`Cannot reach the worker (${e.message}).`);
+    return;
+  }
+  const page = new DOMParser().parseFromString(await response.text(), "text/html");
+  const main = page.getElementById("main");
+  if (!main) {
+    say(`The page could not be loaded (HTTP ${response.status}).`);
+    return;
+  }
+  if (main.hasAttribute("data-locked")) {
+    say("The key was refused: it is neither the read key nor the API key.");
+    askKey(why.textContent);
+    return;
+  }
+  // Our own autoescaped page; its scripts are ours and already loaded.
+  document.getElementById("main").replaceWith(document.adoptNode(main));
+  document.getElementById("sub").replaceWith(document.adoptNode(page.getElementById("sub")));
+  document.title = page.title;
+  for (const fn of starts.splice(0)) fn();
 }
 
 // --- calls -------------------------------------------------------------------------
 
 // The JSON answer, or an Error whose message is the API's own (never swallowed).
 ui.api = async (method, path, body) => {
-  const headers = { Accept: "application/json" };
-  if (method !== "GET") {
-    if (!ui.key()) throw new Error("Enter the API key first.");
-    headers["X-API-Key"] = ui.key();
-  }
+  if (method !== "GET" && !ui.key()) throw new Error("Enter the API key first.");
+  const headers = { Accept: "application/json", ...ui.headers() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -334,7 +392,9 @@ document.addEventListener("click", (event) => {
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const dialog of document.querySelectorAll("dialog")) dialog.addEventListener("keydown", trap);
-  document.getElementById("key-set").addEventListener("click", askKey);
+  document.getElementById("key-set").addEventListener("click", () => askKey());
+  const unlocker = document.getElementById("key-unlock");
+  if (unlocker) unlocker.addEventListener("click", () => (ui.key() ? unlock() : askKey()));
   document.getElementById("key-forget").addEventListener("click", () => {
     sessionStorage.removeItem(KEY);
     showKey();
@@ -343,6 +403,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   showKey();
   setInterval(tick, 1000);
+  if (locked()) unlock();
+  else for (const fn of starts.splice(0)) fn();
 });
 
 // Polls `load` now and again every `every(data)` ms while the tab is visible; `ui.refresh`
@@ -361,6 +423,16 @@ ui.poll = (load, every) => {
       banner.hidden = true;
       wait = every(data);
     } catch (e) {
+      if (e.status === 401) {
+        // The worker requires a key to read: no retrying until one is given.
+        banner.textContent = ui.key()
+          ? "Live updates stopped: the key was refused. Enter the read key (WORKER_READ_KEY) or the API key."
+          : "Live updates stopped: this worker needs a key to show its data. Enter the read key (WORKER_READ_KEY) or the API key.";
+        banner.hidden = false;
+        timer = null;
+        askKey(banner.textContent);
+        return;
+      }
       banner.textContent = `Live updates failed: ${e.message} Retrying…`;
       banner.hidden = false;
       wait = 5000;

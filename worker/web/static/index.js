@@ -154,7 +154,8 @@
   // A run of the job started or ended: the server renders its chart again.
   async function chart(card, name) {
     try {
-      const response = await fetch(`/ui/jobs/${encodeURIComponent(name)}/chart`, { cache: "no-store" });
+      const response = await fetch(`/ui/jobs/${encodeURIComponent(name)}/chart`,
+        { cache: "no-store", headers: ui.headers() });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       f(card, "chart").innerHTML = await response.text(); // our own autoescaped template
     } catch (e) {
@@ -202,7 +203,7 @@
   // Faster while something runs.
   const every = (data) => (data.attention.some((r) => r.active) ? 2000 : 5000);
 
-  document.addEventListener("DOMContentLoaded", () => {
+  ui.start(() => {
     leaderAt = Date.now();
     leaderMs = Number(f($("#leader"), "ttl").dataset.ms) || 0;
     setInterval(countdown, 200);

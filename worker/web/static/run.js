@@ -85,7 +85,7 @@
     }));
   }
 
-  document.addEventListener("DOMContentLoaded", () => {
+  ui.start(() => {
     const root = document.getElementById("run");
     if (!root) return; // no such run
     const id = root.dataset.run;
