@@ -181,19 +181,23 @@ def proc_rss_kb(pid: int) -> int | None:
     return None  # a zombie: it has no memory left to report
 
 
-def tcp_sockets(pid: int) -> dict[str, tuple[int, int, str]]:
-    """Socket inode -> (local port, remote port, state) from /proc/<pid>/net/tcp{,6}."""
+def tcp_sockets() -> dict[str, tuple[int, int, str]]:
+    """Socket inode -> (local port, remote port, state), from /proc/net/tcp{,6}: the
+    replicas share this process's network namespace. The kernel walks every socket to
+    write these files (some 7 ms here), so they are read once per round."""
     found = {}
     for name in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]:
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
                 f = line.split()
                 local, remote = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
                 found[f[9]] = (local, remote, f[3])
     return found
 
 
-def fd_kinds(pid: int, own_port: int, peers: dict[int, str]) -> dict[str, int] | None:
+def fd_kinds(
+    pid: int, own_port: int, peers: dict[int, str], sockets: dict[str, tuple[int, int, str]]
+) -> dict[str, int] | None:
     """The process's open fds by what they are: `postgres`, `redis`, `receiver` and
     `sandbox` connections (by the remote port), `api` (its listening socket and
     accepted connections), other sockets (the event loop's self-pipe), files, ..."""
@@ -201,7 +205,6 @@ def fd_kinds(pid: int, own_port: int, peers: dict[int, str]) -> dict[str, int] |
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
-    sockets = tcp_sockets(pid)
     kinds: Counter[str] = Counter()
     for fd in fds:
         try:
@@ -221,6 +224,20 @@ def fd_kinds(pid: int, own_port: int, peers: dict[int, str]) -> dict[str, int] |
         else:
             kinds["file"] += 1
     return dict(kinds)
+
+
+def read_usage(
+    procs: list[tuple[str, int, int]], peers: dict[int, str]
+) -> dict[str, tuple[int, dict[str, int]]]:
+    """worker id -> (VmRSS kB, fds by kind) for each (worker id, pid, API port)."""
+    sockets = tcp_sockets()
+    found = {}
+    for wid, pid, port in procs:
+        rss = proc_rss_kb(pid)
+        kinds = fd_kinds(pid, port, peers, sockets)
+        if rss is not None and kinds is not None:
+            found[wid] = (rss, kinds)
+    return found
 
 
 class LeaderWatch:
@@ -296,24 +313,23 @@ class Soak:
 
     async def sample_forever(self) -> None:
         while True:
-            self.sample()
+            await self.sample()
             await asyncio.sleep(SAMPLE_EVERY)
 
-    def sample(self) -> None:
-        leader = self.watch.now.holder
-        now = time.monotonic()
+    async def sample(self) -> None:
+        """Read each live replica's /proc, in a thread: this loop also serves the
+        sandbox, which counts a request's arrival when its handler runs, so a stall here
+        would bunch arrivals and earn 429s that the worker did not cause."""
+        leader, now = self.watch.now.holder, time.monotonic()
+        procs = []
         for wid, life in self.lives.items():
-            if life.ended is not None:
-                continue
-            if life.replica.proc.poll() is not None:
+            if life.ended is None and life.replica.proc.poll() is not None:
                 life.ended = now
-                continue
-            pid = life.replica.proc.pid
-            rss = proc_rss_kb(pid)
-            kinds = fd_kinds(pid, life.replica.port, self.peers)
-            if rss is not None and kinds is not None:
-                fds = sum(kinds.values())
-                life.samples.append(Usage(now, rss, fds, leader == wid, kinds))
+            if life.ended is None:
+                procs.append((wid, life.replica.proc.pid, life.replica.port))
+        for wid, (rss, kinds) in (await asyncio.to_thread(read_usage, procs, self.peers)).items():
+            usage = Usage(now, rss, sum(kinds.values()), leader == wid, kinds)
+            self.lives[wid].samples.append(usage)
 
 
 # -- set-up and tear-down -------------------------------------------------------------
@@ -430,7 +446,7 @@ async def warm_up(s: Soak) -> None:
 
     await wait_for("the first import", 240, imported, step=0.5)
     await asyncio.sleep(max(0.0, s.args.warmup - s.elapsed()))
-    s.sample()
+    await s.sample()
     s.measured_at = time.monotonic()
 
 
@@ -1015,7 +1031,7 @@ async def soak(s: Soak, checks: Checks) -> None:
         task.cancel()  # mutations and progress lines stop; the watch and sampler go on
     print(f"[{clock(s.elapsed())}] chaos over: waiting for two clean passes of the sync")
     passes_after = await final_passes(s, timeout=300)
-    s.sample()
+    await s.sample()
     end_wall = time.time()
     load1 = os.getloadavg()
 
