@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ WRK = "/usr/bin/wrk"
 API_KEY = "bench-key"
 JOB = "bench-offers"
 LAG_TICK = 0.005  # the sampler's sleep, seconds
+STACK_AFTER = 0.004  # --stacks: a stack is sampled once the loop is this late ...
+STACK_EVERY = 0.001  # ... and again after this long while it still is
 JOBS = """
 [[jobs]]
 name = "{job}"
@@ -90,18 +93,26 @@ class Stalls:
         self.path = path
         self.lines: list[str] = []
         self.gc_started = 0.0
+        self.beat = time.monotonic()  # the sampler's last wake-up
+        self.stacks: list[str] = []  # see watch_stacks
+        self.stacks_path = ""
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self.gc_started = time.monotonic()
         else:
             took = time.monotonic() - self.gc_started
-            self.lines.append(f"gc {self.gc_started:.6f} {took:.6f}\n")
+            gen = info.get("generation", "?")
+            self.lines.append(f"gc {self.gc_started:.6f} {took:.6f} {gen}\n")
 
     def flush(self) -> None:
         with open(self.path, "a", encoding="ascii") as out:
             out.writelines(self.lines)
         self.lines.clear()
+        if self.stacks_path:
+            stacks, self.stacks = self.stacks, []
+            with open(self.stacks_path, "a", encoding="utf-8") as out:
+                out.writelines(stacks)
 
     async def sample(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,10 +121,34 @@ class Stalls:
             due = loop.time() + LAG_TICK
             await asyncio.sleep(LAG_TICK)
             now = loop.time()
-            self.lines.append(f"{time.monotonic():.6f} {max(now - due, 0.0):.6f}\n")
+            self.beat = time.monotonic()
+            self.lines.append(f"{self.beat:.6f} {max(now - due, 0.0):.6f}\n")
             if now - flushed > 0.25:
                 self.flush()
                 flushed = now
+
+
+def watch_stacks(stalls: Stalls, path: str) -> None:
+    """While the loop is late by more than STACK_AFTER, sample the main thread's stack
+    every STACK_EVERY (SIGALRM) and append it, innermost frame first, to `path`: where
+    the stretches that hold the loop are spent. A signal handler runs between two
+    bytecodes, so a long call into C is charged to the line that made it. A diagnosis,
+    not a measurement: the timer interrupts what it watches."""
+    stalls.stacks_path = path
+
+    def sample(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if now - stalls.beat - LAG_TICK < STACK_AFTER:
+            return
+        names = []
+        while frame is not None and len(names) < 14:
+            code = frame.f_code
+            names.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        stalls.stacks.append(f"{now:.6f} {' < '.join(names)}\n")  # no I/O in a handler
+
+    signal.signal(signal.SIGALRM, sample)
+    signal.setitimer(signal.ITIMER_REAL, STACK_EVERY, STACK_EVERY)
 
 
 def replica_main(stalls_file: str) -> int:
@@ -122,6 +157,8 @@ def replica_main(stalls_file: str) -> int:
 
     stalls = Stalls(stalls_file)
     gc.callbacks.append(stalls.on_gc)
+    if stacks := os.environ.get("BENCH_STACKS"):
+        watch_stacks(stalls, stacks)
     plain_run = asyncio.run
 
     def run_sampled(main: Coroutine[Any, Any, int], **kwargs: Any) -> int:
@@ -157,6 +194,9 @@ class Window:
     lag: float  # worst loop lag, milliseconds
     gc: float  # longest garbage-collector pause, milliseconds
     load: float  # 1-minute load average at the start
+    start: float = 0.0  # monotonic
+    end: float = 0.0
+    gc_passes: str = "none"  # the collector's passes by generation
 
 
 @dataclass
@@ -180,6 +220,7 @@ class Setup:
     stalls: Path
     seconds: float
     gap: int
+    stacks: Path | None = None  # --stacks: where the replica samples its stalled stacks
 
 
 def free_port() -> int:
@@ -218,6 +259,7 @@ def processes(args: argparse.Namespace, workdir: Path, key_prefix: str) -> Itera
         workdir / "stalls.txt",
         args.seconds,
         args.gap,
+        workdir / "stacks.txt" if args.stacks else None,
     )
     setup.script.write_text(WRK_SCRIPT)
     setup.stalls.touch()
@@ -236,6 +278,8 @@ def processes(args: argparse.Namespace, workdir: Path, key_prefix: str) -> Itera
         "BENCH_EMAG_USER": "main@example.com",
         "BENCH_EMAG_PASS": "main-secret",
     }
+    if setup.stacks is not None:
+        env["BENCH_STACKS"] = str(setup.stacks)
     sandbox_cmd = [sys.executable, "-m", "worker", "sandbox", "--port", str(sandbox_port)]
     procs = [
         subprocess.Popen(
@@ -304,21 +348,27 @@ async def wrk(url: str, setup: Setup) -> Probe:
     return Probe(requests=got["requests"], errors=got["errors"], **ms)
 
 
-def worst_stalls(path: Path, start: float, end: float) -> tuple[float, float]:
-    """The worst loop lag and the longest collector pause in [start, end], ms."""
+def worst_stalls(path: Path, start: float, end: float) -> tuple[float, float, str]:
+    """The worst loop lag and the longest collector pause in [start, end], ms, and
+    the collector's passes by generation (count, longest)."""
     lag = pause = 0.0
+    passes: dict[str, list[float]] = {}
     for line in path.read_text(encoding="ascii").splitlines():
         fields = line.split()
         if fields[0] == "gc":
             at, took = float(fields[1]), float(fields[2])
             if start <= at <= end:
                 pause = max(pause, took)
+                passes.setdefault(fields[3] if len(fields) > 3 else "?", []).append(took)
             continue
         at, late = float(fields[0]), float(fields[1])
         # A sample taken just after the window may report a stall that began inside it.
         if start <= at <= end + LAG_TICK:
             lag = max(lag, late)
-    return lag * 1000, pause * 1000
+    generations = ", ".join(
+        f"gen{g} {len(t)}x (longest {max(t) * 1000:.1f} ms)" for g, t in sorted(passes.items())
+    )
+    return lag * 1000, pause * 1000, generations or "none"
 
 
 async def window(setup: Setup) -> Window:
@@ -330,8 +380,8 @@ async def window(setup: Setup) -> Window:
     )
     end = time.monotonic()
     await asyncio.sleep(0.4)  # the sampler writes its lines every 0.25 s
-    lag, pause = worst_stalls(setup.stalls, start, end)
-    return Window(healthz, readyz, lag, pause, load)
+    lag, pause, passes = worst_stalls(setup.stalls, start, end)
+    return Window(healthz, readyz, lag, pause, load, start, end, passes)
 
 
 async def run_row(pool: asyncpg.Pool, run_id: int) -> asyncpg.Record:
@@ -430,7 +480,7 @@ def show(name: str, w: Window) -> None:
         )
     print(
         f"  {name:<6} worst loop lag {w.lag:7.2f} ms  (longest gc pause {w.gc:6.2f} ms,"
-        f" load {w.load:.2f})"
+        f" load {w.load:.2f})\n  {name:<6} gc passes: {w.gc_passes}"
     )
 
 
@@ -445,6 +495,20 @@ def show_medians(name: str, windows: list[Window]) -> None:
     lag = statistics.median(w.lag for w in windows)
     pause = statistics.median(w.gc for w in windows)
     print(f"{name:<6} worst loop lag {lag:7.2f} ms  (longest gc pause {pause:6.2f} ms)")
+
+
+def show_stacks(path: Path, windows: list[Window], top: int = 15) -> None:
+    """The stacks most often sampled while the loop was late, in the sync windows."""
+    seen: Counter[str] = Counter()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        at, stack = line.split(" ", 1)
+        if any(w.start <= float(at) <= w.end for w in windows):
+            # From the innermost frame out to the task's own coroutine.
+            seen[stack.split(" < base_events.py:")[0].split(" < events.py:_run")[0]] += 1
+    total = sum(seen.values())
+    print(f"\nstacks sampled while the loop was late during the syncs ({total} samples):")
+    for stack, n in seen.most_common(top):
+        print(f"{n:6d} {n / total:6.1%}  {stack}")
 
 
 @dataclass
@@ -501,6 +565,8 @@ async def main(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp, processes(args, Path(tmp), prefix) as setup:
             rounds = await bench(args, setup, beside_url)
+            if setup.stacks is not None:
+                show_stacks(setup.stacks, rounds.busy)
     finally:
         await forget_keys(args.redis_url, prefix)  # the replica has stopped
     print(
@@ -540,6 +606,11 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument(
+        "--stacks",
+        action="store_true",
+        help="sample the replica's stack while its loop is late (a diagnosis: it slows it)",
     )
     parser.add_argument("--replica", metavar="STALLS_FILE", help=argparse.SUPPRESS)
     return parser.parse_args()

@@ -11,8 +11,8 @@ Replicas: r0, r1, r2. r0 is the *anchor*: it is started first (it leads the warm
 the first full import) and is never killed or restarted, so its memory and file
 descriptors cover the whole soak, through terms it gains and loses. Every `--every`
 seconds (30-90 by default; 10-25 when `--minutes` < 5) the current leader gets:
-  - r1 or r2 (any incarnation): SIGKILL or SIGTERM, chosen at random, and a fresh
-    replacement (`r1-2`, `r1-3`, ...) is started at once, as Kubernetes would;
+  - r1 or r2 (any incarnation): SIGKILL or SIGTERM, in turn, and a fresh replacement
+    (`r1-2`, `r1-3`, ...) is started at once, as Kubernetes would;
   - r0: a freeze instead (SIGSTOP for TTL + 2 s, then SIGCONT): it loses its lease,
     a follower takes over, and r0 wakes fenced and goes on as a follower. The anchor
     may not be restarted, and without losing its terms it would lead to the end.
@@ -250,8 +250,12 @@ class LeaderWatch:
         self.seen: list[Seen] = []
         self.stalls: list[tuple[float, float]] = []  # (when it ended, seconds late)
 
-    async def run(self) -> None:
-        while True:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set. Not stopped by a cancel alone: on Python 3.11 a cancel
+        that lands while redis-py sends a command can be lost (`asyncio.wait_for` in
+        `Connection.send_packed_command` returns the finished send and drops the
+        CancelledError), and the first soak's clean-up hung on this task for an hour."""
+        while not stop.is_set():
             try:
                 got = await current_holder(self.redis, self.prefix)
             except RedisError:
@@ -297,6 +301,7 @@ class Soak:
     chaos_end: float = 0.0
     chaos_end_wall: float = 0.0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start(self, slot: str) -> Replica:
         self.generation[slot] += 1
@@ -312,7 +317,7 @@ class Soak:
         self.tasks.append(asyncio.create_task(coro, name=name))
 
     async def sample_forever(self) -> None:
-        while True:
+        while not self.stop.is_set():
             await self.sample()
             await asyncio.sleep(SAMPLE_EVERY)
 
@@ -387,14 +392,27 @@ async def sandbox(items: int) -> AsyncIterator[tuple[web.Application, str]]:
 
 async def stop_everything(cluster: Cluster) -> None:
     """SIGTERM (after SIGCONT) every live replica while the receiver and the sandbox
-    still answer, then kill what is left."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(cluster.stop_gracefully(timeout=15), 20)
-    cluster.stop_all()
-    for r in cluster.replicas:
-        if r.proc.poll() is None:
-            r.proc.kill()
-            r.proc.wait()
+    still answer, then kill what is left: also when this wait is cancelled (Ctrl-C)."""
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(cluster.stop_gracefully(timeout=15), 20)
+    finally:
+        cluster.stop_all()
+        for r in cluster.replicas:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]], stop: asyncio.Event | None = None) -> None:
+    """Set `stop`, cancel, and wait a bounded time: a task that lost its cancel (see
+    `LeaderWatch.run`) ends at its next look at `stop`, and none can hold the exit."""
+    if stop is not None:
+        stop.set()
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
 
 
 # -- the phases -----------------------------------------------------------------------
@@ -451,7 +469,12 @@ async def warm_up(s: Soak) -> None:
 
 
 async def chaos(s: Soak, until: float) -> None:
+    """Until `until`: hit the leader at random intervals. Kills and SIGTERMs alternate
+    (the first one drawn at random), so every soak has both."""
     lo, hi = s.args.every
+    signals = ["kill", "term"]
+    s.rng.shuffle(signals)
+    hits = itertools.cycle(signals)
     while True:
         pause = s.rng.uniform(lo, hi)
         if time.monotonic() + pause > until:
@@ -460,7 +483,7 @@ async def chaos(s: Soak, until: float) -> None:
         victim = await live_leader(s)
         seen = s.watch.now
         assert seen.token is not None
-        action = "freeze" if victim.worker_id == ANCHOR else s.rng.choice(("kill", "term"))
+        action = "freeze" if victim.worker_id == ANCHOR else next(hits)
         event = Event(len(s.events) + 1, action, victim.worker_id, seen.token, 0.0, 0.0)
         s.events.append(event)
         pid = victim.proc.pid
@@ -995,10 +1018,10 @@ async def run(args: argparse.Namespace, dsn: str, prefix: str, workdir: Path) ->
             try:
                 await soak(s, checks)
             finally:
-                for task in s.tasks:
-                    task.cancel()
-                await asyncio.gather(*s.tasks, return_exceptions=True)
-                await stop_everything(cluster)
+                try:
+                    await stop_everything(cluster)
+                finally:
+                    await stop_tasks(s.tasks, s.stop)
     finally:
         with contextlib.suppress(Exception):
             await delete_keys(redis, prefix)
@@ -1017,7 +1040,7 @@ async def soak(s: Soak, checks: Checks) -> None:
         flush=True,
     )
     print(f"load average at the start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
-    s.background(s.watch.run(), "watch")
+    s.background(s.watch.run(s.stop), "watch")
     s.background(s.sample_forever(), "sample")
     await start_cluster(s)
     await warm_up(s)
@@ -1027,8 +1050,8 @@ async def soak(s: Soak, checks: Checks) -> None:
     await chaos(s, time.monotonic() + args.minutes * 60)
     await asyncio.sleep(max(0.0, s.measured_at + args.minutes * 60 - time.monotonic()))
     s.chaos_end, s.chaos_end_wall = time.monotonic(), time.time()
-    for task in s.tasks[2:]:
-        task.cancel()  # mutations and progress lines stop; the watch and sampler go on
+    # Catalogue changes and progress lines stop; the watch and the sampler go on.
+    await stop_tasks(s.tasks[2:])
     print(f"[{clock(s.elapsed())}] chaos over: waiting for two clean passes of the sync")
     passes_after = await final_passes(s, timeout=300)
     await s.sample()

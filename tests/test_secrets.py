@@ -43,6 +43,15 @@ LEAKY_PARAMS = {
     "json": {"api_key": "key-s3cr3t", "db_password": "pass-s3cr3t", "batch": 7},
     "rate_limit": 2,
 }
+# A job whose webhook URL carries a password and a token: shown by /jobs and `worker jobs`.
+HOOKED = """
+[[jobs]]
+name = "hooked"
+kind = "http"
+webhooks = ["https://alice:pw-s3cr3t@hooks.example/x?token=tok-s3cr3t"]
+[jobs.params]
+url = "http://127.0.0.1:1/x"
+"""
 LEAKY_ERROR = "GET https://alice:pw-s3cr3t@example.com/poke?token=tok-s3cr3t failed: HTTP 500"
 
 
@@ -331,7 +340,7 @@ async def leaky_run(pool: db.Pool) -> int:
 @pytest.fixture
 def jobs_file(tmp_path: Path) -> Path:
     path = tmp_path / "jobs.toml"
-    path.write_text(JOBS, encoding="utf-8")
+    path.write_text(JOBS + HOOKED, encoding="utf-8")
     return path
 
 
@@ -378,7 +387,12 @@ def test_no_cli_output_shows_a_secret(
 ) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "worker", *(a.format(id=leaky_run) for a in args)],
-        env={**os.environ, "DATABASE_URL": database_url, "WORKER_JOBS_FILE": str(jobs_file)},
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "WORKER_JOBS_FILE": str(jobs_file),
+            "WORKER_WEBHOOK_SECRET": "a-long-random-string-the-receivers-know",
+        },
         capture_output=True,
         text=True,
         timeout=60,

@@ -215,7 +215,7 @@ async def _run_actors(
                 replicas.run(redis, settings, address=address, stop=stop), name="replicas"
             )
         )
-        looplag.tune_gc()
+        looplag.tune_runtime()
         actors.add(asyncio.create_task(looplag.monitor(stop), name="loop-lag"))
         return await _supervise(actors, stop, state, settings.shutdown_grace)
     finally:

@@ -4,7 +4,7 @@ One batch is COPYed into a per-connection staging table and merged with a single
 `INSERT … ON CONFLICT … WHERE hash differs` (`worker.merge`, shared with seed 001's
 events): rows whose content hash is unchanged are not rewritten at all, and the
 database, not a per-row round trip, sets the pace. A large batch goes in a few parts,
-and is encoded in slices: the event loop that runs the sync also answers the probes.
+and is encoded in a thread: the event loop that runs the sync also answers the probes.
 
 One bad item never costs the batch: NUL characters (which Postgres refuses in text
 and in jsonb) are removed before the merge, and an item the database still refuses
@@ -22,15 +22,9 @@ import orjson
 
 from . import merge
 from .db import Connection, Pool, like_literal
-from .looplag import Slices
+from .looplag import drop, off_loop
 
 MAX_PRICE = Decimal(10) ** 10  # numeric(14, 4)
-# Rows per COPY (and merge) at most: a larger batch is cut into equal parts. asyncpg
-# encodes a COPY's rows in one stretch, without letting the event loop in (about 1 µs
-# a row, the price staged as text): a sync's 5 000-row batch goes in two. Each part
-# costs a merge statement of its own, so not smaller: ten parts of 500 take a third
-# longer in the database than one batch; two take as long.
-COPY_ROWS = 3000
 # The catalogue as a batch-merge target: `source` and `account` are the same for a
 # whole batch ($1, $2); `$3` is `want_details` (see `upsert`).
 PRODUCTS = merge.Target(
@@ -190,19 +184,27 @@ async def upsert(
     lacks the EAN does not erase the one its details brought.
     """
     counts = UpsertCounts()
-    # Encoding a batch is the sync's longest CPU-bound work: done in slices, so the
-    # probes served by the same event loop wait a few milliseconds at most.
-    slices = Slices()
+    # Encoding a batch is the sync's longest CPU-bound work: done in a thread, so the
+    # probes served by the event loop do not wait for it.
+    records, ids = await off_loop(len(items), _records, items, counts)
+    if records:
+        counts.add(await merge.upsert(conn, PRODUCTS, records, source, account, want_details))
+    if seen_by is not None and ids:
+        await record_seen(conn, run_id=seen_by, external_ids=ids)
+    await drop(records, ids)
+    return counts
+
+
+def _records(items: Sequence[Item], counts: UpsertCounts) -> tuple[list[Record], list[str]]:
+    """The staging rows of a batch (an id twice: the later copy wins) and its distinct
+    ids; items whose raw JSON cannot be stored go to `counts.failed`, cleaned ones are
+    counted in `counts.cleaned`. Pure CPU work, run off the loop (`upsert`)."""
     latest: dict[str, tuple[Item, bool]] = {}
-    for item in items:  # an id twice in one batch: the later copy wins
+    for item in items:
         item, dirty = clean(item)
         latest[item.external_id] = item, dirty
-        if slices.over():
-            await slices.next()
     records: list[Record] = []
     for item, dirty in latest.values():
-        if slices.over():
-            await slices.next()
         try:
             row, raw_dirty = _record(item)
         except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
@@ -210,15 +212,7 @@ async def upsert(
             continue
         records.append(row)
         counts.cleaned += dirty or raw_dirty
-    if records:
-        parts = -(-len(records) // COPY_ROWS)
-        size = -(-len(records) // parts)
-        for start in range(0, len(records), size):
-            part = records[start : start + size]
-            counts.add(await merge.upsert(conn, PRODUCTS, part, source, account, want_details))
-    if seen_by is not None and latest:
-        await record_seen(conn, run_id=seen_by, external_ids=list(latest))
-    return counts
+    return records, list(latest)
 
 
 async def pending_details(

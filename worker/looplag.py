@@ -4,27 +4,36 @@ it short.
 One loop serves the probes (/healthz, /readyz) and, on the leader, runs the syncs. A
 stretch of CPU-bound work (parsing pages, mapping, hashing, encoding a COPY) or a pass
 of the garbage collector delays every other callback by its length, so a probe waits
-for the longest one. `monitor` measures that delay; `Slices` cuts a CPU-bound loop into
-stretches of a few milliseconds with the loop let in between; `tune_gc` keeps the
-collector's full passes short and rare.
+for the longest one. `monitor` measures that delay; `off_loop` runs a sync's bulk CPU
+work (mapping a page, encoding a batch) in a thread; `tune_runtime` keeps the
+collector's full passes short and rare and the GIL's hand-over quick.
 
-Slices, not threads: orjson and the hashing of small values hold the GIL, so a thread
-gains no parallelism, and the loop, to run at all, waits for the GIL up to the
-interpreter's switch interval (5 ms) each time; slicing bounds the stretch itself,
-with no executor to manage.
+A thread gains no parallelism (orjson and the hashing of small values hold the GIL),
+but it takes the sync's work out of the loop's turns: the loop, whenever it has
+something to do, gets the GIL within the interpreter's switch interval, lowered from
+5 ms to SWITCH_INTERVAL, and a probe waits that long instead of for whatever the sync
+had ready in that turn. Slicing the work (a time check per item, the loop let in
+between) bounds a stretch too, but each turn still runs every task's slice in a row:
+measured, a probe's p99 during a sync went from 20-24 ms with slices to 9-10 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import time
+import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from . import metrics
 
 INTERVAL = 0.1  # seconds between two measurements of the monitor
-SLICE = 0.002  # seconds of CPU-bound work before the loop is let in
-FULL_PASSES_AFTER = 100  # middle-generation collections before a full one (see tune_gc)
+FULL_PASSES_AFTER = 1000  # middle-generation collections before a full one (see tune_gc)
+SWITCH_INTERVAL = 0.0002  # seconds a thread holding the GIL keeps it from a waiting one
+OFF_LOOP_AT = 50  # items: smaller batches are not worth a thread's hand-over
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 async def monitor(stop: asyncio.Event, *, interval: float = INTERVAL) -> None:
@@ -46,9 +55,12 @@ def tune_gc() -> None:
     host. They are frozen (left out of every pass), after a collection so that no
     garbage is kept for good. What remains is a sync's pages in flight: a full pass
     comes once the objects promoted since the last one reach a quarter of the heap,
-    which a sync with the rate limit lifted reaches several times a second.
-    `FULL_PASSES_AFTER` middle-generation passes (CPython's default: 10) make that ten
-    times rarer; cyclic garbage waits that much longer to be freed.
+    which a sync with the rate limit lifted reaches several times a second. Waiting
+    for `FULL_PASSES_AFTER` middle-generation passes (CPython's default: 10) makes that
+    a hundred times rarer: a sync at full speed makes some 20 such passes a second, so
+    a full pass (15-30 ms of its in-flight pages) comes once in 50 s rather than once
+    in 5 s; cyclic garbage waits that much longer to be freed (the soak's RSS
+    growth, bench/soak.py, is the check on that).
 
     Called once, when the replica has started.
     """
@@ -58,28 +70,31 @@ def tune_gc() -> None:
     gc.set_threshold(young, middle, FULL_PASSES_AFTER)
 
 
-class Slices:
-    """Cuts a CPU-bound loop into slices of about `budget` seconds:
+def tune_runtime() -> None:
+    """Called once, when the replica has started: the collector (`tune_gc`) and the
+    GIL's switch interval (see the module's text)."""
+    tune_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
-        slices = Slices()
-        for item in items:
-            work(item)
-            if slices.over():
-                await slices.next()
 
-    The time check is per item; the loop is let in (one `sleep(0)`: whatever I/O is
-    ready runs first) only once the slice's time is up.
-    """
+async def off_loop(size: int, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`fn(*args, **kwargs)` in a thread when its work covers `size` >= OFF_LOOP_AT
+    items, else here: pure CPU-bound work (no loop, no shared state) that would hold
+    the loop for milliseconds. A cancelled caller does not stop the thread; it ends
+    its call, which is short, and the result is dropped."""
+    if size < OFF_LOOP_AT:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
-    def __init__(self, budget: float = SLICE) -> None:
-        self.budget = budget
-        self._until = time.perf_counter() + budget
 
-    def over(self) -> bool:
-        """Whether this slice has had its time."""
-        return time.perf_counter() >= self._until
+async def drop(*batches: list[Any]) -> None:
+    """Empty these lists, which hold the last references to a large batch, in a thread
+    (`off_loop`): freeing 5 000 rows of tuples and strings, or pages of items with their
+    raw JSON, takes milliseconds of CPU, all in one stretch wherever the last
+    reference goes."""
+    await off_loop(sum(len(b) for b in batches), _clear, batches)
 
-    async def next(self) -> None:
-        """Let the loop run, then start the next slice."""
-        await asyncio.sleep(0)
-        self._until = time.perf_counter() + self.budget
+
+def _clear(batches: tuple[list[Any], ...]) -> None:
+    for batch in batches:
+        batch.clear()

@@ -692,13 +692,17 @@ async def job_overview(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> l
 
 
 def public_job(view: Mapping[str, Any]) -> dict[str, Any]:
-    """A `job_overview` entry as the API and CLI show it."""
+    """A `job_overview` entry as the API and CLI show it: its webhook URLs lose their
+    user, password and query values, as every URL shown does (a receiver's token often
+    rides in the query)."""
     next_slot, last_run = view["next_slot"], view["last_run"]
     out = {
         **view,
         "next_slot": next_slot.isoformat() if next_slot else None,
         "last_run": public(last_run) if last_run else None,
     }
+    if "webhooks" in out:
+        out["webhooks"] = redact(out["webhooks"])
     if isinstance(out.get("paused_at"), datetime):
         out["paused_at"] = out["paused_at"].isoformat()
     if out.get("last_pause"):

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+import yarl
 from multidict import CIMultiDict
 
 from . import metrics
@@ -38,6 +39,11 @@ from .logs import redact
 from .ratelimit import Permit, RateLimiter
 
 log = logging.getLogger(__name__)
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10  # aiohttp's own default
+# The request headers a redirect to another origin keeps: none that can carry a secret.
+SAFE_ACROSS_ORIGINS = frozenset({"accept", "accept-language", "content-type", "user-agent"})
 
 
 @dataclass(frozen=True)
@@ -230,11 +236,7 @@ class Upstream:
         try:
             async with self.limiter.slot(key, pending=pending) as permit:
                 started = time.perf_counter()  # latency excludes the wait for a permit
-                async with self.session.request(
-                    method, url, timeout=self.timeout, trace_request_ctx=permit, **kwargs
-                ) as resp:
-                    body = await resp.read()
-                    response = Response(resp.status, CIMultiDict(resp.headers), body, shown)
+                response = await self._follow(method, url, shown, permit, kwargs)
         except (aiohttp.ClientError, TimeoutError) as exc:
             timeout = isinstance(exc, TimeoutError)
             code = "timeout" if timeout else "error"
@@ -244,6 +246,41 @@ class Upstream:
         metrics.UPSTREAM_REQUESTS.labels(host, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(host).observe(time.perf_counter() - started)
         return response
+
+    async def _follow(
+        self, method: str, url: str, shown: str, permit: Permit, kwargs: dict[str, Any]
+    ) -> Response:
+        """One request and the redirects it is answered with (up to MAX_REDIRECTS),
+        followed here rather than by aiohttp: aiohttp keeps every header but
+        `Authorization` on a redirect to another origin, and a job's credentials also
+        travel as `X-API-Key` and the like (`headers_env`). Across origins only the
+        headers in `SAFE_ACROSS_ORIGINS` go on; a 303, and a 301 or 302 after a POST,
+        go on as a GET without the body, as browsers do."""
+        first = yarl.URL(url)
+        for hop in range(MAX_REDIRECTS + 1):
+            async with self.session.request(
+                method,
+                url,
+                timeout=self.timeout,
+                trace_request_ctx=permit,
+                allow_redirects=False,
+                **kwargs,
+            ) as resp:
+                body = await resp.read()
+                location = resp.headers.get("Location")
+                if resp.status not in REDIRECTS or not location or hop == MAX_REDIRECTS:
+                    return Response(resp.status, CIMultiDict(resp.headers), body, shown)
+                target = resp.url.join(yarl.URL(location))
+            if target.scheme not in ("http", "https"):
+                raise aiohttp.InvalidURL(f"redirected to a {target.scheme or 'relative'} URL")
+            kwargs = {k: v for k, v in kwargs.items() if k != "params"}  # in the Location
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method = "GET"
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("json", "data")}
+            if target.origin() != first.origin():
+                kwargs = _safe_across_origins(kwargs)
+            url = str(target)
+        raise AssertionError("unreachable")  # the last hop returns
 
     def _wait_after(self, policy: RetryPolicy, attempt: int, key: str, response: Response) -> float:
         asked = retry_after(response.headers)
@@ -357,6 +394,16 @@ def body_retry_after(response: Response) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return None
     return float(value)
+
+
+def _safe_across_origins(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A request's arguments fit for another origin: no credentials, headers kept only
+    when in SAFE_ACROSS_ORIGINS."""
+    kept = {k: v for k, v in kwargs.items() if k not in ("auth", "cookies")}
+    headers = kwargs.get("headers")
+    if headers:
+        kept["headers"] = {k: v for k, v in headers.items() if k.lower() in SAFE_ACROSS_ORIGINS}
+    return kept
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

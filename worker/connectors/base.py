@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..catalog import Details, Item
+from ..looplag import off_loop
 
 
 @dataclass
@@ -60,6 +61,14 @@ def map_all(
     return items, failed
 
 
+async def map_page(
+    raws: list[Any], mapper: Callable[[Any], Item], *, id_field: str
+) -> tuple[list[Item], list[tuple[str, str]]]:
+    """`map_all` for a whole page: a large one is mapped in a thread, off the loop that
+    answers the probes (`looplag.off_loop`); the mapper must be a pure function."""
+    return await off_loop(len(raws), map_all, raws, mapper, id_field=id_field)
+
+
 @runtime_checkable
 class DetailSource(Protocol):
     """A connector that can fetch one item's details (one upstream call per item)."""
@@ -70,4 +79,4 @@ class DetailSource(Protocol):
         ...
 
 
-__all__ = ["Connector", "DetailSource", "Details", "Page", "map_all"]
+__all__ = ["Connector", "DetailSource", "Details", "Page", "map_all", "map_page"]

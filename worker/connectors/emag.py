@@ -30,7 +30,7 @@ import orjson
 from ..catalog import Item, text, to_count, to_decimal
 from ..errors import UpstreamError
 from ..upstream import Response, Upstream, error_detail
-from .base import Page, map_all
+from .base import Page, map_page
 
 PLATFORMS = {
     "ro": "https://marketplace-api.emag.ro/api-3",
@@ -101,11 +101,8 @@ class EmagOffers:
                     next_page += 1
                 page_no = next_page - len(window)
                 results = await window.popleft()
-                # A page already read does not suspend the await above: without this,
-                # pages read meanwhile would be mapped in one stretch, the probes waiting.
-                await asyncio.sleep(0)
                 last = page_no >= total_pages or len(results) < self.per_page
-                items, failed = map_all(results, map_offer, id_field="id")
+                items, failed = await map_page(results, map_offer, id_field="id")
                 yield Page(
                     items=items,
                     failed=failed,

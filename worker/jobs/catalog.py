@@ -26,6 +26,7 @@ from ..config import JobSpec
 from ..connectors.base import Connector, DetailSource, Page
 from ..context import RunContext
 from ..errors import ItemGone, JobError, UpstreamError
+from ..looplag import drop
 
 FAILED_SAMPLE = 20
 MAX_DETAIL_CALLS = 1000  # per run; eBay's default Browse quota is 5 000 calls a day
@@ -325,6 +326,8 @@ class _Sync:
             raise TimeoutError(
                 f"writing {len(items)} items ({last.label}) to the database timed out"
             ) from exc
+        # The group's pages, items and raw JSON are freed in a thread, off the loop.
+        await drop(items, group)
 
     def _failed(self, failed: list[tuple[str, str]]) -> None:
         """Count items that were not stored; keep (and log) the first few as a sample."""
