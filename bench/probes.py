@@ -204,10 +204,17 @@ class Sync:
     items: int
     seconds: float
     covered: bool  # still running when the probe window ended
+    cpu: float = 0.0  # the replica's CPU seconds over the sync (probes answered included)
 
     @property
     def rate(self) -> float:
         return self.items / self.seconds
+
+    @property
+    def cpu_per_item(self) -> float:
+        """Microseconds of the replica's CPU per item: less moved by other processes
+        taking the cores than items/s is."""
+        return self.cpu / self.items * 1e6
 
 
 @dataclass
@@ -221,6 +228,12 @@ class Setup:
     seconds: float
     gap: int
     stacks: Path | None = None  # --stacks: where the replica samples its stalled stacks
+    pid: int = 0  # the replica's
+
+    def cpu(self) -> float:
+        """The replica's CPU seconds so far (user + system, /proc/<pid>/stat)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -301,6 +314,7 @@ def processes(args: argparse.Namespace, workdir: Path, key_prefix: str) -> Itera
     try:
         wait_port(sandbox_port, procs[0], "the sandbox")
         wait_port(replica_port, procs[1], "the replica")
+        setup.pid = procs[1].pid
         yield setup
     finally:
         for proc in reversed(procs):
@@ -416,6 +430,7 @@ async def sync_round(
 ) -> tuple[Window, Sync]:
     """A sync of the whole catalogue, probed once its first pages are committed."""
     await pool.execute("TRUNCATE products, sync_seen")
+    cpu = setup.cpu()
     url = f"{setup.base}/jobs/{JOB}/trigger"
     async with http.post(url, headers={"X-API-Key": API_KEY}) as answer:
         assert answer.status == 202, await answer.text()
@@ -424,7 +439,9 @@ async def sync_round(
     probed = await window(setup)
     covered = (await run_row(pool, run_id))["status"] == "running"
     row = await wait_run(pool, run_id, lambda r: r["status"] == "succeeded", timeout=1800)
-    return probed, Sync(int(orjson.loads(row["stats"])["items"]), row["took"], covered)
+    cpu = setup.cpu() - cpu
+    items = int(orjson.loads(row["stats"])["items"])
+    return probed, Sync(items, row["took"], covered, cpu)
 
 
 async def beside_round(beside_url: str, setup: Setup) -> tuple[Window, Sync]:
@@ -523,7 +540,8 @@ class Rounds:
 def show_sync(name: str, sync: Sync) -> None:
     late = "" if sync.covered else "  (ENDED BEFORE THE WINDOW DID: raise --items)"
     took = f"{sync.items} items in {sync.seconds:.2f} s"
-    print(f"  {name:<6} {took}: {sync.rate:,.0f} items/s{late}", flush=True)
+    cpu = f", {sync.cpu_per_item:.1f} µs of the replica's CPU per item" if sync.cpu else ""
+    print(f"  {name:<6} {took}: {sync.rate:,.0f} items/s{cpu}{late}", flush=True)
 
 
 async def bench(args: argparse.Namespace, setup: Setup, beside_url: str) -> Rounds:
@@ -579,6 +597,8 @@ async def main(args: argparse.Namespace) -> int:
     for name, syncs in (("beside", rounds.elsewhere), ("sync", rounds.syncs)):
         rate = statistics.median(s.rate for s in syncs)
         print(f"{name:<6} throughput {rate:,.0f} items/s")
+    per_item = statistics.median(s.cpu_per_item for s in rounds.syncs)
+    print(f"sync   replica CPU {per_item:.1f} µs per item")
     p99 = statistics.median(w.healthz.p99 for w in rounds.busy)
     floor = statistics.median(w.healthz.p99 for w in rounds.beside)
     lag = statistics.median(w.lag for w in rounds.busy)

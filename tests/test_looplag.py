@@ -121,9 +121,17 @@ def _busy(seconds: float) -> None:
         pass
 
 
-async def test_off_loop_runs_large_work_in_a_thread_and_small_work_here() -> None:
+async def test_off_loop_runs_large_work_in_one_thread_and_small_work_here() -> None:
     here = threading.get_ident()
-    assert await looplag.off_loop(looplag.OFF_LOOP_AT, threading.get_ident) != here
+
+    def slow_ident() -> int:
+        time.sleep(0.01)  # the calls overlap: a pool of threads would use several
+        return threading.get_ident()
+
+    large = [looplag.off_loop(looplag.OFF_LOOP_AT, slow_ident) for _ in range(4)]
+    threads = set(await asyncio.gather(*large))
+    assert len(threads) == 1  # one CPU thread: its calls do not contend for the GIL
+    assert here not in threads
     assert await looplag.off_loop(looplag.OFF_LOOP_AT - 1, threading.get_ident) == here
 
 

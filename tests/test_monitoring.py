@@ -24,7 +24,7 @@ import yaml
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
-from worker import db, jobgauges, metrics, pauses
+from worker import db, executor, jobgauges, metrics, pauses
 from worker.config import JobSpec
 from worker.context import RunContext
 from worker.schedule import CronSchedule
@@ -554,3 +554,44 @@ async def test_items_synced_counts_what_succeeded_runs_wrote(
     )
     assert after["isync-http"] == before["isync-http"] == 0
     assert after["isync-failing"] == before["isync-failing"] == 0
+
+
+async def test_items_synced_counts_once_when_the_end_commit_is_retried(
+    pool: db.Pool,
+    database_url: str,
+    redis: Redis,
+    key_prefix: str,
+    upstream: Upstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run's end is recorded, counted, then its transaction fails (a lost connection,
+    say) and is retried: the counter moves once, by what the one run wrote."""
+    toml = ITEMS_JOBS.format(name="isync-retried", params="result = { items = 7 }")
+    settings = settings_with_jobs(tmp_path, toml, database_url=database_url)
+    before = _value("worker_items_synced_total", job="isync-retried") or 0
+    counted = executor.Executor._count_outcome
+    calls = 0
+
+    async def count_then_lose_the_commit(self: Any, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        after_commit = await counted(self, *args)
+        if calls == 1:
+            raise TimeoutError("the end's commit was lost")  # transient: retried
+        return after_commit
+
+    monkeypatch.setattr(executor.Executor, "_count_outcome", count_then_lose_the_commit)
+    leader = Leader(settings=settings, pool=pool, upstream=upstream, kinds={"returns": Returns()})
+
+    async def succeeded() -> int:
+        count: int = await pool.fetchval(
+            "SELECT count(*) FROM runs WHERE job = 'isync-retried' AND status = 'succeeded'"
+        )
+        return count
+
+    async with leading(leader, await grant_for(redis, key_prefix, "a")):
+        await eventually(succeeded, timeout=10)
+    assert calls >= 2  # the end was recorded twice: once rolled back, once committed
+    after = _value("worker_items_synced_total", job="isync-retried") or 0
+    assert after - before == 7 * await succeeded()

@@ -213,6 +213,41 @@ async def test_every_way_a_run_ends_writes_its_delivery_in_the_same_transaction(
     assert len({r["event_id"] for r in rows}) == len(rows)
 
 
+async def test_an_abandoned_run_that_nothing_resumes_is_reported_failed_once(
+    pool: db.Pool,
+) -> None:
+    """A dead leader's runs are abandoned by the reaper: the resumable one goes on in a
+    resume (no event yet); the one whose kind does not resume ends there: run.failed,
+    once. A run abandoned long before is left alone."""
+    async with pool.acquire() as conn:
+        await webhooks.sync_targets(conn, [("*", "http://all.example/")])
+        ids = [
+            await conn.fetchval(
+                "INSERT INTO runs (job, kind, trigger, status, token, started_at, heartbeat_at)"
+                " VALUES ($1, $2, 'schedule', 'running', 3, now() - interval '10 min',"
+                " now() - interval '10 min') RETURNING id",
+                job,
+                kind,
+            )
+            for job, kind in (("call", "http"), ("sync", "res"))
+        ]
+        old = await conn.fetchval(
+            "INSERT INTO runs (job, kind, trigger, status, finished_at)"
+            " VALUES ('call', 'http', 'schedule', 'abandoned', now() - interval '3 days')"
+            " RETURNING id"
+        )
+    for _ in range(2):  # a second pass of the reaper finds nothing more to report
+        async with pool.acquire() as conn, conn.transaction():
+            await runs.reap(conn, token=4, stale_after=60, live=[])
+            await runs.end_unresumable(conn, resumable=["res"])
+    rows = await outbox(pool)
+    assert [(r["event"], r["payload"]["run_id"]) for r in rows] == [("run.failed", ids[0])]
+    assert rows[0]["payload"]["status"] == "abandoned"
+    assert "does not resume" in rows[0]["payload"]["error"]
+    statuses = dict(await pool.fetch("SELECT id, given_up_at IS NOT NULL FROM runs"))
+    assert statuses == {ids[0]: True, ids[1]: False, old: False}
+
+
 # --- delivery ---------------------------------------------------------------------------
 
 

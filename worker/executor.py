@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiojobs
@@ -195,14 +195,16 @@ class Executor:
                 )
             self._wake.set()
 
-    async def _count_outcome(self, conn: db.Connection, spec: JobSpec, end: _End) -> None:
+    async def _count_outcome(
+        self, conn: db.Connection, spec: JobSpec, end: _End
+    ) -> Callable[[], None]:
+        """Record the outcome in the end's transaction; returns what to count and log
+        once that transaction has committed (a retried commit would count twice)."""
         # Items a succeeded run returned: a catalogue pass's `items` (products or offers
         # upserted), a parsing operation's `events`; other kinds write none. A resumed
         # pass returns its whole chain's count and only its last run succeeds: once.
         result = end.result if isinstance(end.result, dict) else {}
         items = result.get("items", result.get("events"))
-        if end.status == "succeeded" and type(items) is int and items > 0:
-            metrics.ITEMS_SYNCED.labels(spec.name).inc(items)
         paused = await pauses.record_outcome(
             conn,
             spec.name,
@@ -210,14 +212,21 @@ class Executor:
             error=end.error,
             pause_after=spec.pause_after_failures,
         )
-        if paused:
-            metrics.JOBS_AUTO_PAUSED.labels(spec.name).inc()
-            log.warning(
-                "%s paused after %d failed runs in a row (pause_after_failures); last error: %s",
-                spec.name,
-                spec.pause_after_failures,
-                end.error,
-            )
+
+        def committed() -> None:
+            if end.status == "succeeded" and type(items) is int and items > 0:
+                metrics.ITEMS_SYNCED.labels(spec.name).inc(items)
+            if paused:
+                metrics.JOBS_AUTO_PAUSED.labels(spec.name).inc()
+                log.warning(
+                    "%s paused after %d failed runs in a row (pause_after_failures);"
+                    " last error: %s",
+                    spec.name,
+                    spec.pause_after_failures,
+                    end.error,
+                )
+
+        return committed
 
     async def _record_end(self, run_id: int, job: str, end: _End) -> None:
         """Write the run's end, retrying through database blips for up to `reap_after`
@@ -226,6 +235,7 @@ class Executor:
         give_up_at = loop.time() + self.settings.reap_after
         pause = 0.1
         while True:
+            counted: Callable[[], None] | None = None
             try:
                 async with db.fenced(self.pool, self.token) as conn:
                     finished = await runs.finish(
@@ -239,7 +249,7 @@ class Executor:
                     spec = self.jobs.get(job)
                     end.ended_elsewhere = not finished
                     if finished and spec is not None:
-                        await self._count_outcome(conn, spec, end)
+                        counted = await self._count_outcome(conn, spec, end)
                     if end.resume:
                         for new, _ in await runs.queue_resumes(
                             conn,
@@ -248,6 +258,8 @@ class Executor:
                             only=[run_id],
                         ):
                             log.info("run %s queued to resume it at once", new)
+                if counted is not None:
+                    counted()
                 return
             except Fenced:
                 end.status = "abandoned"

@@ -5,8 +5,8 @@ One loop serves the probes (/healthz, /readyz) and, on the leader, runs the sync
 stretch of CPU-bound work (parsing pages, mapping, hashing, encoding a COPY) or a pass
 of the garbage collector delays every other callback by its length, so a probe waits
 for the longest one. `monitor` measures that delay; `off_loop` runs a sync's bulk CPU
-work (mapping a page, encoding a batch) in a thread; `tune_runtime` keeps the
-collector's full passes short and rare and the GIL's hand-over quick.
+work (mapping a page, encoding a batch, freeing it) in one thread; `tune_runtime`
+keeps the collector's full passes short and rare and the GIL's hand-over quick.
 
 A thread gains no parallelism (orjson and the hashing of small values hold the GIL),
 but it takes the sync's work out of the loop's turns: the loop, whenever it has
@@ -14,15 +14,18 @@ something to do, gets the GIL within the interpreter's switch interval, lowered 
 5 ms to SWITCH_INTERVAL, and a probe waits that long instead of for whatever the sync
 had ready in that turn. Slicing the work (a time check per item, the loop let in
 between) bounds a stretch too, but each turn still runs every task's slice in a row:
-measured, a probe's p99 during a sync went from 20-24 ms with slices to 9-10 ms.
+measured (bench/probes.py, docs/benchmarks.md), a probe's p99 during a sync went from
+13-17 ms with slices to 8-10 ms, the loop's worst lag from 18-32 ms to 9-13 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from . import metrics
@@ -78,13 +81,24 @@ def tune_runtime() -> None:
 
 
 async def off_loop(size: int, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """`fn(*args, **kwargs)` in a thread when its work covers `size` >= OFF_LOOP_AT
-    items, else here: pure CPU-bound work (no loop, no shared state) that would hold
+    """`fn(*args, **kwargs)` in the replica's CPU thread when its work covers `size` >=
+    OFF_LOOP_AT items, else here: pure CPU-bound work (no loop, no shared state) that would hold
     the loop for milliseconds. A cancelled caller does not stop the thread; it ends
     its call, which is short, and the result is dropped."""
     if size < OFF_LOOP_AT:
         return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_cpu(), functools.partial(fn, *args, **kwargs))
+
+
+@functools.cache
+def _cpu() -> ThreadPoolExecutor:
+    """The one thread of `off_loop`, for every sync of the replica. One, not asyncio's
+    default pool: with several threads taking turns at the GIL every switch interval,
+    the sync ran a quarter slower (23 000 items/s against 29 000 with one thread and
+    30 800 with everything on the loop, bench/probes.py); its work is serialised anyway.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-cpu")
 
 
 async def drop(*batches: list[Any]) -> None:

@@ -111,6 +111,8 @@ async def _reap_once(
         )
     for new, old in await runs.queue_resumes(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS):
         log.info("run %s queued to resume abandoned run %s", new, old)
+    for row in await runs.end_unresumable(conn, resumable=resumable):
+        log.warning("run %s of %s ends abandoned: %s", row["id"], row["job"], row["error"])
     for row in await runs.give_up(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS):
         metrics.RUNS_GIVEN_UP.labels(row["job"]).inc()
         log.error(

@@ -569,6 +569,25 @@ async def give_up(
     return [dict(r) for r in rows]
 
 
+async def end_unresumable(
+    conn: Connection, *, resumable: list[str], within: float = 86400.0
+) -> list[dict[str, Any]]:
+    """Mark recently abandoned runs of kinds that do not resume (an `http` call cut off
+    by its leader's death, say) as given up, once: nothing continues them, so this is
+    their end, and the webhook trigger reports it as `run.failed`. Runs abandoned more
+    than `within` seconds ago (before this existed) are left as they are."""
+    rows = await conn.fetch(
+        "UPDATE runs r SET given_up_at = now(), error = coalesce(r.error, 'abandoned')"
+        " || ' (its kind does not resume: nothing continues it)'"
+        " WHERE r.status = 'abandoned' AND NOT (r.kind = ANY($1::text[]))"
+        " AND r.given_up_at IS NULL AND r.finished_at > now() - make_interval(secs => $2)"
+        f" RETURNING {_COLUMNS}",
+        resumable,
+        within,
+    )
+    return [dict(r) for r in rows]
+
+
 async def prune(conn: Connection, *, keep: float) -> int:
     """Delete finished runs older than `keep` seconds, and their scratch rows.
 
