@@ -254,8 +254,16 @@ async def test_leader_reaps_its_own_run_whose_end_was_not_recorded(
             )
 
         await eventually(reaped, timeout=5.0)
+
+        async def given_up() -> bool:
+            query = "SELECT given_up_at IS NOT NULL FROM runs WHERE id = $1"
+            return bool(await pool.fetchval(query, orphan))
+
+        # Its kind does not resume: nothing continues it, so it ends here (run.failed).
+        await eventually(given_up, timeout=5.0)
         error = await pool.fetchval("SELECT error FROM runs WHERE id = $1", orphan)
         assert "could not be recorded" in error
+        assert "does not resume" in error
 
 
 async def test_winning_the_lease_without_a_database_steps_down(
