@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from . import db, metrics, runs, stuck, webhooks
 from .config import Settings
@@ -85,8 +84,8 @@ async def reap_now(
     heartbeat too (only once the passes have been steady: `stuck.Steadiness`)."""
     resumable = [name for name, kind in kinds.items() if kind.resumable]
     async with db.fenced(pool, token) as conn:
-        ended = await _reap_once(conn, settings, token, executor, resumable, judge_held)
-    stuck.recovered(ended)
+        committed = await _reap_once(conn, settings, token, executor, resumable, judge_held)
+    committed()
 
 
 async def _reap_once(
@@ -96,30 +95,38 @@ async def _reap_once(
     executor: Executor,
     resumable: list[str],
     judge_held: bool,
-) -> list[dict[str, Any]]:
-    """Returns the stuck runs it ended (for counting once committed)."""
+) -> Callable[[], None]:
+    """One pass in the caller's transaction. Returns what to count and log once it has
+    committed: a pass retried after a lost commit must not count its runs twice."""
     reaped = await runs.reap(
         conn, token=token, stale_after=settings.reap_after, live=list(executor.active)
     )
-    for row in reaped:
-        metrics.RUNS.labels(row["job"], "abandoned").inc()
-        log.warning("run %s of %s abandoned: %s", row["id"], row["job"], row["error"])
     ended = stuck.lost(reaped, token=token)
     if judge_held:
         ended += await stuck.end_held(
             conn, token=token, held=list(executor.active), settings=settings
         )
-    for new, old in await runs.queue_resumes(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS):
-        log.info("run %s queued to resume abandoned run %s", new, old)
-    for row in await runs.end_unresumable(conn, resumable=resumable):
-        log.warning("run %s of %s ends abandoned: %s", row["id"], row["job"], row["error"])
-    for row in await runs.give_up(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS):
-        metrics.RUNS_GIVEN_UP.labels(row["job"]).inc()
-        log.error(
-            "run %s of %s given up for good after %d failed attempts: %s",
-            row["id"],
-            row["job"],
-            row["attempt"],
-            row["error"],
-        )
-    return ended
+    resumed = await runs.queue_resumes(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS)
+    unresumable = await runs.end_unresumable(conn, resumable=resumable)
+    given_up = await runs.give_up(conn, kinds=resumable, max_attempts=MAX_ATTEMPTS)
+
+    def committed() -> None:
+        for row in reaped:
+            metrics.RUNS.labels(row["job"], "abandoned").inc()
+            log.warning("run %s of %s abandoned: %s", row["id"], row["job"], row["error"])
+        for new, old in resumed:
+            log.info("run %s queued to resume abandoned run %s", new, old)
+        for row in unresumable:
+            log.warning("run %s of %s ends abandoned: %s", row["id"], row["job"], row["error"])
+        for row in given_up:
+            metrics.RUNS_GIVEN_UP.labels(row["job"]).inc()
+            log.error(
+                "run %s of %s given up for good after %d failed attempts: %s",
+                row["id"],
+                row["job"],
+                row["attempt"],
+                row["error"],
+            )
+        stuck.recovered(ended)
+
+    return committed
