@@ -415,8 +415,8 @@ async def test_refresh_sets_the_job_gauges_from_postgres(pool: db.Pool, gauges: 
         await pauses.record_outcome(conn, "beta", status="failed", error="x", pause_after=None)
     await pauses.pause(pool, "beta", by="cli", note="upstream maintenance")
     # Left by an earlier refresh for a job since removed from the jobs file.
-    metrics.JOB_FAILURE_STREAK.labels("removed").set(4)
-    metrics.JOB_PAUSED.labels("removed", "operator").set(1)
+    await jobgauges.refresh(pool, [*specs, _spec("removed", "*/5 * * * *")], now)
+    assert _value("worker_job_failure_streak", job="removed") == 0
 
     await jobgauges.refresh(pool, specs, now)
 
