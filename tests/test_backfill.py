@@ -123,12 +123,8 @@ async def test_a_date_means_midnight_in_the_jobs_timezone(client: Client, pool: 
 async def test_slots_with_a_row_are_skipped_and_reported(client: Client, pool: db.Pool) -> None:
     await db.raise_fence(pool, token=1, holder="a")
     async with db.fenced(pool, 1) as conn:
-        await runs.record_missed(
-            conn, job="hourly", kind="rec", slots=[SIX[1]], reason="slot missed"
-        )
-        await runs.claim_slot(
-            conn, job="hourly", kind="rec", slot=SIX[4], token=1, worker_id="w", params={}
-        )
+        await runs.record_missed_many(conn, [("hourly", "rec", SIX[1], "slot missed")])
+        await runs.claim_slots(conn, [("hourly", "rec", SIX[4], {})], token=1, worker_id="w")
     status, body = await post(client, "hourly", RANGE)
     assert status == 202, body
     assert body["queued"] == 4

@@ -434,9 +434,7 @@ async def test_results_of_an_unknown_id_is_404(client: Client, pool: db.Pool) ->
     # A scheduled slot of a parsing job that was skipped never ran: not an operation.
     async with pool.acquire() as conn:
         slot = datetime(2025, 1, 6, 2, tzinfo=UTC)
-        await runs.record_missed(
-            conn, job="fienta-events", kind="parse.fienta", slots=[slot], reason="test"
-        )
+        await runs.record_missed_many(conn, [("fienta-events", "parse.fienta", slot, "test")])
     missed = await pool.fetchval("SELECT id FROM runs WHERE status = 'missed'")
     assert await operations.recent(pool, limit=10) == []
     for op_id in ("12345", "abc", "0", "-1", "99999999999999999999", str(other), str(missed)):

@@ -47,14 +47,14 @@ async def test_concurrent_claims_of_one_slot_insert_one_run(pool: db.Pool) -> No
     await db.raise_fence(pool, token=1, holder="a")
     slot = datetime(2026, 1, 1, tzinfo=UTC)
 
-    async def claim(worker: str) -> object:
+    async def claim(worker: str) -> list[dict[str, object]]:
         async with db.fenced(pool, 1) as conn:
-            return await runs.claim_slot(
-                conn, job="j", kind="http", slot=slot, token=1, worker_id=worker, params={}
+            return await runs.claim_slots(
+                conn, [("j", "http", slot, {})], token=1, worker_id=worker
             )
 
     results = await asyncio.gather(*(claim(f"w{i}") for i in range(8)))
-    assert sum(r is not None for r in results) == 1
+    assert sum(len(r) for r in results) == 1
     assert await pool.fetchval("SELECT count(*) FROM runs WHERE job = 'j'") == 1
 
 

@@ -204,20 +204,30 @@ async def test_a_missing_variable_fails_the_run_naming_it(
     assert rec.headers == []  # nothing was sent without the credential
 
 
-async def test_headers_env_reads_the_file_when_the_variable_is_unset(
-    tmp_path: Path,
-    pool: db.Pool,
-    upstream: Upstream,
-    receiver: tuple[Receiver, str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def auth_from_file(
+    tmp_path: Path, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Receiver, JobSpec]:
+    """A job sending Authorization from RECEIVER_AUTH, left unset (RECEIVER_AUTH_FILE is
+    for the test to set)."""
     rec, base = receiver
     spec = http_job(
         tmp_path, f'url = "{base}/poke"\nheaders_env = {{Authorization = "RECEIVER_AUTH"}}'
     )
+    monkeypatch.delenv("RECEIVER_AUTH", raising=False)
+    return rec, spec
+
+
+async def test_headers_env_reads_the_file_when_the_variable_is_unset(
+    tmp_path: Path,
+    pool: db.Pool,
+    upstream: Upstream,
+    auth_from_file: tuple[Receiver, JobSpec],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec, spec = auth_from_file
     secret_file = tmp_path / "receiver-auth"
     secret_file.write_text("Bearer hdr-s3cr3t\n", encoding="utf-8")  # a mounted Secret
-    monkeypatch.delenv("RECEIVER_AUTH", raising=False)
     monkeypatch.setenv("RECEIVER_AUTH_FILE", str(secret_file))
     assert await run_job(pool, upstream, spec) == {"status": 200, "bytes": 2}
     # Read when the run starts: a rotated file is picked up by the next run.
@@ -241,14 +251,10 @@ async def test_an_unreadable_credential_file_fails_the_run_naming_it(
     tmp_path: Path,
     pool: db.Pool,
     upstream: Upstream,
-    receiver: tuple[Receiver, str],
+    auth_from_file: tuple[Receiver, JobSpec],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rec, base = receiver
-    spec = http_job(
-        tmp_path, f'url = "{base}/poke"\nheaders_env = {{Authorization = "RECEIVER_AUTH"}}'
-    )
-    monkeypatch.delenv("RECEIVER_AUTH", raising=False)
+    rec, spec = auth_from_file
     monkeypatch.setenv("RECEIVER_AUTH_FILE", str(tmp_path))  # a directory
     with pytest.raises(JobError) as caught:
         await run_job(pool, upstream, spec)

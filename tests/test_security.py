@@ -5,7 +5,6 @@ Redis; the status page's key prompt in a real browser (headless Chromium) too.""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,21 +12,21 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
-from redis.asyncio import Redis
 
 from worker import db, logs, runs
 from worker.config import MAX_SECRET_FILE, SECRETS, Settings, load_jobs, secret
 from worker.errors import ConfigError, JobError
 from worker.jobs import marketplaces, remote_parsing
-from worker.lease import Lease
-from worker.web.app import WebState, build_app, key_matches
+from worker.web.app import key_matches
 
-from .test_api import JOBS, assert_error
+from .test_api import MakeClient as ApiMakeClient
+from .test_api import assert_error, settings
+from .test_api import make_client as api_make_client
 from .test_config import run_cli
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
+__all__ = ["api_make_client", "settings"]  # fixtures, imported for pytest
 
 WRITE_KEY = "write-k3y-0123456789"
 READ_KEY = "read-k3y-9876543210"
@@ -49,34 +48,20 @@ OPEN = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
 
 
 @pytest.fixture
-async def make_client(
-    aiohttp_client: AiohttpClient,
-    tmp_path: Path,
-    database_url: str,
-    pool: db.Pool,
-    redis: Redis,
-    key_prefix: str,
-) -> MakeClient:
+async def make_client(api_make_client: ApiMakeClient) -> MakeClient:
     """The app over real stores, with the write key and, unless told, the read key."""
-    path = tmp_path / "jobs.toml"
-    path.write_text(JOBS, encoding="utf-8")
-    settings = Settings(
-        jobs=load_jobs(path),
-        api_key=WRITE_KEY,
-        read_key=READ_KEY,
-        key_prefix=key_prefix,
-        database_url=database_url,
-        worker_id="guarded-replica",
-    )
 
     async def make(**overrides: Any) -> Client:
-        state = WebState(
-            settings=dataclasses.replace(settings, **overrides),
-            pool=pool,
-            redis=redis,
-            lease=Lease(redis, prefix=key_prefix),
+        client, _ = await api_make_client(
+            **{
+                "api_key": WRITE_KEY,
+                "read_key": READ_KEY,
+                "jobs_file": None,
+                "worker_id": "guarded-replica",
+                **overrides,
+            }
         )
-        return await aiohttp_client(build_app(state))
+        return client
 
     return make
 

@@ -186,13 +186,8 @@ async def test_every_way_a_run_ends_writes_its_delivery_in_the_same_transaction(
         assert await runs.finish(conn, running, status="failed", error="boom")
     assert await runs.request_cancel(pool, queued, by="api:test") == "queued"
     async with pool.acquire() as conn:
-        await runs.record_missed(
-            conn,
-            job="b",
-            kind="k",
-            slots=[await conn.fetchval("SELECT now() - interval '1 h'")],
-            reason="x",
-        )
+        slot = await conn.fetchval("SELECT now() - interval '1 h'")
+        await runs.record_missed_many(conn, [("b", "k", slot, "x")])
     await pauses.pause(pool, "b", by="ops", note="upstream down")
     rows = await outbox(pool)
     got = sorted((r["event"], r["job"], r["url"]) for r in rows)

@@ -76,10 +76,10 @@ async def refresh(pool: Pool, specs: Sequence[JobSpec], now: datetime) -> None:
         if row and row["last_success"] is not None:
             last_success[(spec.name,)] = row["last_success"].timestamp()
         if spec.schedule is not None:
-            same = (type(spec.schedule), spec.schedule.expr, spec.schedule.tz)
-            if same not in gaps:
-                gaps[same] = expected_period(spec.schedule, now)
-            gap = gaps[same]
+            key = spec.schedule.key
+            if key not in gaps:
+                gaps[key] = expected_period(spec.schedule, now)
+            gap = gaps[key]
             if gap is not None:
                 period[(spec.name,)] = gap
     # No await from here on: a scrape sees all of this refresh or none of it.

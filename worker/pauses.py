@@ -6,7 +6,6 @@ not owed: planning picks up at `resumed_at`.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from .db import Connection, Pool
@@ -47,13 +46,6 @@ async def resume(pool: Pool, job: str) -> dict[str, Any]:
 async def paused_jobs(conn: Connection) -> set[str]:
     rows = await conn.fetch("SELECT job FROM job_state WHERE paused_at IS NOT NULL")
     return {r["job"] for r in rows}
-
-
-async def resumed_at(conn: Connection, job: str) -> datetime | None:
-    value: datetime | None = await conn.fetchval(
-        "SELECT resumed_at FROM job_state WHERE job = $1", job
-    )
-    return value
 
 
 async def states(pool: Pool) -> dict[str, dict[str, Any]]:

@@ -88,8 +88,8 @@ class DueTimes:
 
 class _Slots:
     """One tick's slot arithmetic, shared by the jobs on the same schedule: hundreds of
-    jobs on one cron expression (one per seller account) cost one croniter walk.
-    Schedules of the same class, expression and timezone give the same slots."""
+    jobs on one cron expression (one per seller account) cost one croniter walk
+    (`CronSchedule.key`)."""
 
     def __init__(self) -> None:
         self._due: dict[tuple[object, ...], list[datetime]] = {}
@@ -97,14 +97,14 @@ class _Slots:
 
     def due(self, schedule: CronSchedule, after: datetime, now: datetime) -> list[datetime]:
         """The newest MAX_DUE + 1 slots after `after` up to `now`, oldest first."""
-        key = (type(schedule), schedule.expr, schedule.tz, after, now)
+        key = (schedule.key, after, now)
         found = self._due.get(key)
         if found is None:
             found = self._due[key] = schedule.newest_between(after, now, MAX_DUE + 1)
         return found
 
     def next_after(self, schedule: CronSchedule, after: datetime) -> datetime:
-        key = (type(schedule), schedule.expr, schedule.tz, after)
+        key = (schedule.key, after)
         found = self._next.get(key)
         if found is None:
             found = self._next[key] = schedule.next_after(after)

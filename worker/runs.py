@@ -38,37 +38,17 @@ def _free(cap: str) -> str:
     return f"(r.handed_off AND r.handoffs < {cap})"
 
 
-async def job_since(conn: Connection, job: str, schedule: str | None = None) -> datetime:
-    """Where planning of `job` may start: when the scheduler first saw it (recorded now if
-    never), or later when its schedule changed or it came back after a reload removed it.
-
-    `schedule` is the cron expression and timezone the leader plans with; a row that
-    knows none yet (written before schedules were recorded) adopts it as is.
-    """
-    since: datetime = await conn.fetchval(
-        """
-        INSERT INTO job_state AS s (job, schedule) VALUES ($1, $2)
-        ON CONFLICT (job) DO UPDATE SET
-            schedule_since = CASE
-                WHEN s.removed_at IS NOT NULL
-                  OR (s.schedule IS NOT NULL AND s.schedule IS DISTINCT FROM EXCLUDED.schedule)
-                THEN now() ELSE s.schedule_since END,
-            schedule = EXCLUDED.schedule,
-            removed_at = NULL
-        RETURNING greatest(s.since, s.schedule_since)
-        """,
-        job,
-        schedule,
-    )
-    return since
-
-
 async def plan_from(
     conn: Connection, jobs: Sequence[tuple[str, str | None]]
 ) -> dict[str, datetime]:
-    """Where planning of each (job, schedule) starts, for many jobs in one statement: the
-    newest of `job_since` (recorded now for a job never seen), its newest slot
-    (`last_slot`) and when it was last resumed (a pause's slots are not owed)."""
+    """Where planning of each (job, schedule) starts, in one statement: the newest of
+    - when the scheduler first saw the job (recorded now if never), or later when its
+      schedule changed or it came back after a reload removed it (`schedule` is the
+      cron expression and timezone the leader plans with; a row that knows none yet,
+      written before schedules were recorded, adopts it as is);
+    - its newest slot the scheduler decided (backfilled slots are an operator's: they
+      must not hide slots owed from an outage before them);
+    - when it was last resumed (a pause's slots are not owed)."""
     rows = await conn.fetch(
         """
         WITH seen AS (
@@ -104,41 +84,6 @@ async def mark_removed(conn: Connection, jobs: Sequence[str]) -> None:
     )
 
 
-async def last_slot(pool: Pool, job: str) -> datetime | None:
-    """The newest slot the scheduler decided (backfilled slots are an operator's, not
-    the scheduler's: they must not hide slots owed from an outage before them)."""
-    last: datetime | None = await pool.fetchval(
-        "SELECT max(slot) FROM runs WHERE job = $1 AND trigger <> 'backfill'", job
-    )
-    return last
-
-
-async def claim_slot(
-    conn: Connection,
-    *,
-    job: str,
-    kind: str,
-    slot: datetime,
-    token: int,
-    worker_id: str,
-    params: Mapping[str, Any],
-) -> dict[str, Any] | None:
-    """Insert the running row for a slot; None if the slot was already claimed."""
-    row = await conn.fetchrow(
-        "INSERT INTO runs (job, kind, slot, trigger, status, token, params, worker_id,"
-        " started_at, heartbeat_at)"
-        " VALUES ($1, $2, $3, 'schedule', 'running', $4, $5, $6, now(), now())"
-        f" ON CONFLICT (job, slot) DO NOTHING RETURNING {_COLUMNS}",
-        job,
-        kind,
-        slot,
-        token,
-        dict(params),
-        worker_id,
-    )
-    return dict(row) if row else None
-
-
 async def claim_slots(
     conn: Connection,
     claims: Sequence[tuple[str, str, datetime, Mapping[str, Any]]],
@@ -146,8 +91,9 @@ async def claim_slots(
     token: int,
     worker_id: str,
 ) -> list[dict[str, Any]]:
-    """`claim_slot` for many (job, kind, slot, params) in one statement, in their order:
-    the running rows inserted; a slot that already has a row is skipped."""
+    """Insert the running row of each (job, kind, slot, params), in one statement and in
+    their order; returns the rows inserted (a slot that already has a row is skipped:
+    claimed once, whoever asks)."""
     rows = await conn.fetch(
         "INSERT INTO runs (job, kind, slot, trigger, status, token, params, worker_id,"
         " started_at, heartbeat_at)"
@@ -169,8 +115,8 @@ async def claim_slots(
 async def record_missed_many(
     conn: Connection, missed: Sequence[tuple[str, str, datetime, str]]
 ) -> Counter[str]:
-    """`record_missed` for many (job, kind, slot, reason) in one statement; returns how
-    many new `missed` rows each job got."""
+    """Store each skipped (job, kind, slot, reason) as a `missed` row, in one statement;
+    returns how many new rows each job got."""
     rows = await conn.fetch(
         "INSERT INTO runs (job, kind, slot, trigger, status, error, finished_at)"
         " SELECT m.job, m.kind, m.slot, 'schedule', 'missed', m.reason, now()"
@@ -183,25 +129,6 @@ async def record_missed_many(
         [m[3] for m in missed],
     )
     return Counter(r["job"] for r in rows)
-
-
-async def record_missed(
-    conn: Connection, *, job: str, kind: str, slots: Iterable[datetime], reason: str
-) -> int:
-    """Store skipped slots as `missed` rows; returns how many were new."""
-    slots = list(slots)
-    if not slots:
-        return 0
-    result: str = await conn.execute(
-        "INSERT INTO runs (job, kind, slot, trigger, status, error, finished_at)"
-        " SELECT $1, $2, s, 'schedule', 'missed', $4, now() FROM unnest($3::timestamptz[]) s"
-        " ON CONFLICT (job, slot) DO NOTHING",
-        job,
-        kind,
-        slots,
-        reason,
-    )
-    return int(result.split()[-1])
 
 
 async def enqueue(

@@ -37,6 +37,9 @@ class CronSchedule:
         self.expr = expr
         self.with_seconds = len(fields) == 6
         self.tz = ZoneInfo(tz) if isinstance(tz, str) else tz
+        # Schedules with the same key give the same slots: jobs on one schedule (one per
+        # seller account) share its slot arithmetic (the planner, the job gauges).
+        self.key: tuple[object, ...] = (type(self), expr, self.tz)
         try:
             it = self._iter(datetime(2000, 1, 1))
         except (ValueError, KeyError, TypeError) as exc:  # croniter's errors subclass ValueError

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 from worker import db, runs
 from worker.sandbox import SANDBOX, SandboxConfig, build_app
 
-from ..cluster import Cluster, Receiver, Replica, current_holder, free_port
+from ..cluster import EMAG_SYNC_JOB, Cluster, Receiver, Replica, current_holder, free_port
 from .audit import assert_fence_held, longest_silence
 from .proxy import Proxy
 
@@ -60,19 +60,10 @@ PER_PAGE = 100
 PER_INTERRUPTION = 3
 SYNC = "emag-main"
 
-JOBS = """
-[[jobs]]
-name = "emag-main"
-kind = "emag.offers"
-timeout = "5m"
-[jobs.params]
-account = "main"
-platform = "ro"
-base_url = "{base}/emag/ro/api-3"
-username_env = "T_EMAG_USER"
-password_env = "T_EMAG_PASS"
-mark_gone = true
-{sync_params}
+# The `emag-main` sync of `tests/cluster.py`, the scenario's `sync_params`, and the tick.
+JOBS = (
+    EMAG_SYNC_JOB
+    + """{sync_params}
 
 [[jobs]]
 name = "tick"
@@ -85,6 +76,7 @@ timeout = "10s"
 [jobs.params]
 url = "{hook}"
 """
+)
 
 
 # How far past its bound a scenario's time without a leader may run on a busy machine.

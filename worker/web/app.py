@@ -178,16 +178,11 @@ async def leader(request: web.Request) -> web.Response:
     return json_response({**view, "self": bool(current and current.holder == me), "self_id": me})
 
 
-def public_job(view: dict[str, Any]) -> dict[str, Any]:
-    """A job as the API shows it (`runs.public_job`: webhook URLs redacted)."""
-    return runs.public_job(view)
-
-
 async def list_jobs(request: web.Request) -> web.Response:
     no_query(request)
     state = request.app[STATE]
     overview = await runs.job_overview(state.pool, state.settings.jobs, datetime.now(UTC))
-    return json_response({"jobs": [public_job(view) for view in overview]})
+    return json_response({"jobs": [runs.public_job(view) for view in overview]})
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -197,7 +192,7 @@ async def get_job(request: web.Request) -> web.Response:
     if spec is None:
         raise ApiError(404, "unknown_job", f"no job named {request.match_info['name']!r}")
     [view] = await runs.job_overview(state.pool, [spec], datetime.now(UTC))
-    return json_response(public_job(view))
+    return json_response(runs.public_job(view))
 
 
 async def list_runs(request: web.Request) -> web.Response:
